@@ -1,0 +1,71 @@
+"""AlignFA: aligned feature aggregation (AlignSeg, Huang et al., TPAMI 2021, Sec. 3.2).
+
+``align_fa(low, high, offsets) = S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])`` where ``S`` is
+the shifted bilinear sampling of :mod:`alignseg.ops.sampling`. The coarse map ``high`` is upsampled
+to ``low``'s size and shifted in one step ("learnable interpolation").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import use_triton
+from .sampling import (
+    check_feature_map,
+    check_offsets,
+    check_same_device,
+    output_memory_format,
+    sample_reference,
+)
+
+
+def align_fa_reference(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+    """Eager PyTorch version of :func:`align_fa` (no argument checks): the oracle and CPU path."""
+    out = sample_reference(high, offsets[:, 0:2]) + sample_reference(low, offsets[:, 2:4])
+    return out.contiguous(memory_format=output_memory_format(low))
+
+
+def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> None:
+    check_feature_map("low", low)
+    check_feature_map("high", high)
+    n, c, h, w = low.shape
+    if high.shape[0] != n or high.shape[1] != c:
+        raise ValueError(
+            f"high must have the batch size and channels of low (N={n}, C={c}), got shape {list(high.shape)}"
+        )
+    if high.dtype != low.dtype:
+        raise TypeError(f"high must have low's dtype {low.dtype}, got {high.dtype}")
+    check_offsets("offsets", offsets, 4, n, (h, w), low.dtype)
+    check_same_device(low=low, high=high, offsets=offsets)
+
+
+def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+    """Aligned feature aggregation: warp both maps by learned offsets and sum them.
+
+    Args:
+        low (Tensor[N, C, H, W]): the fine (low-level) feature map; sets the output size.
+        high (Tensor[N, C, h, w]): the coarse (high-level) map, any h, w >= 1 (equal to H, W allowed).
+        offsets (Tensor[N, 4, H, W]): pixel offsets on the output grid. Channels 0, 1 = (dx, dy) for
+            ``high``, channels 2, 3 = (dx, dy) for ``low``. float32 or the features' dtype.
+
+    Returns:
+        Tensor[N, C, H, W]: ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])`` in ``low``'s dtype
+        and memory format (contiguous or channels_last).
+
+    With zero offsets this is ``F.interpolate(high, (H, W), mode="bilinear", align_corners=True) + low``.
+    Taps outside a map contribute zero; non-finite offsets give zero (see :mod:`alignseg.ops.sampling`).
+
+    Example:
+        >>> low, high = torch.randn(2, 8, 32, 32), torch.randn(2, 8, 16, 16)
+        >>> align_fa(low, high, torch.zeros(2, 4, 32, 32)).shape
+        torch.Size([2, 8, 32, 32])
+    """
+    _check_align_fa(low, high, offsets)
+    if use_triton(low.device):
+        return _align_fa_triton(low, high, offsets)
+    return align_fa_reference(low, high, offsets)
+
+
+def _align_fa_triton(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+    raise NotImplementedError("the Triton path of align_fa is not written yet")

@@ -1,0 +1,1 @@
+"""Triton kernels of AlignSeg, installed as ``alignseg.kernels`` (see pyproject.toml)."""
