@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def reference_ops():
+    """Run the alignment ops on the eager reference (model and training tests need no kernels)."""
+    from alignseg.ops import use_backend
+
+    with use_backend("reference"):
+        yield
