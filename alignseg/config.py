@@ -1,0 +1,389 @@
+"""Experiment configuration: dataclasses, YAML presets and ``key.sub=value`` overrides.
+
+A config is built in three layers, each overriding the one before:
+
+1. the dataclass defaults below (the paper's optimisation recipe, Cityscapes classes);
+2. a YAML file: a preset shipped in ``alignseg/configs/`` (``synthetic``, ``cityscapes``, ``ade20k``)
+   or a path; a YAML file may name a ``preset:`` to start from;
+3. command-line overrides such as ``train.iterations=500 data.crop_size=[128,128]`` (values are
+   parsed as YAML, so ``null``, ``true``, lists and numbers work).
+
+Unknown keys and values of the wrong type are errors that name the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "synthetic"
+
+# ImageNet statistics in [0, 1] units: the backbone's pretraining normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config file, preset name or override that cannot be used; the message says why."""
+
+
+@dataclass
+class ModelConfig:
+    """The network: a preset of :func:`alignseg.models.build` plus keyword overrides."""
+
+    name: str = "alignseg_r101"
+    # Backbone weights (torchvision-layout ResNet state_dict) loaded before training; no download.
+    pretrained: str | None = None
+    # Extra keyword arguments for alignseg.models.build (e.g. {offset_head: concat}).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Datasets, augmentation and loading. ``batch_size`` is the total over all processes."""
+
+    dataset: str = "cityscapes"  # cityscapes | ade20k | folder
+    # Dataset root. For the synthetic set, null means the user cache (see default_synthetic_root).
+    root: str | None = None
+    # Generate the synthetic Cityscapes-layout set at `root` when it is missing (the built-in demo).
+    synthetic: bool = False
+    synthetic_train: int = 160
+    synthetic_val: int = 40
+    synthetic_size: tuple[int, int] = (128, 256)
+    synthetic_seed: int = 0
+    num_classes: int = 19
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: tuple[int, int] = (769, 769)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    jitter: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = 8
+    workers: int = 4
+    # Extra keyword arguments for alignseg.data.build_dataset (folder datasets: image_dir, mask_dir, ...).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule: poly decay per iteration after an optional linear warmup."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_start_factor: float = 0.1  # lr multiplier at iteration 0 of the warmup
+
+
+@dataclass
+class LossConfig:
+    """Training loss, see :func:`alignseg.losses.build_criterion`."""
+
+    name: str = "ohem"  # ce | ohem | ce_lovasz
+    aux_weight: float = 0.1
+    ignore_index: int = 255
+    # Extra keyword arguments for build_criterion (e.g. {thresh: 0.7, min_kept: 100000}).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, precision, compilation, logging and checkpoints."""
+
+    iterations: int = 40000
+    seed: int = 0
+    # Bit-reproducible runs (torch.use_deterministic_algorithms); slower on GPUs.
+    deterministic: bool = False
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    channels_last: bool = True
+    # torch.compile of the model: auto = on for CUDA, off on CPU, where compiling the model takes
+    # minutes on a few cores, longer than the whole demo run. on/off force it either way.
+    compile: str = "auto"
+    log_every: int = 20
+    eval_every: int = 4000  # 0: only at the end
+    checkpoint_every: int = 4000  # 0: only at the end
+    keep_last: int = 3  # periodic checkpoints kept; best.pt is kept apart
+    # Steps with a non-finite loss are skipped; training stops once this many were skipped.
+    max_nonfinite_steps: int = 20
+    # Run folder; null: runs/<config name>-<date-time>.
+    run_dir: str | None = None
+    tensorboard: bool = True  # when the tensorboard package is installed
+    progress: bool = True  # the tqdm bar
+
+
+@dataclass
+class EvalConfig:
+    """Validation: whole image, sliding window, or multi-scale with flip."""
+
+    mode: str = "whole"  # whole | slide | multiscale
+    tile: tuple[int, int] = (769, 769)
+    stride: tuple[int, int] = (513, 513)
+    scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+    batch_size: int = 1
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtin types (lists for tuples): YAML- and checkpoint-safe."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES = {
+    "data.dataset": ("cityscapes", "ade20k", "folder"),
+    "optim.name": ("sgd", "adamw"),
+    "loss.name": ("ce", "ohem", "ce_lovasz"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.compile": ("auto", "on", "off"),
+    "eval.mode": ("whole", "slide", "multiscale"),
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def default_synthetic_root() -> Path:
+    """Where the built-in synthetic dataset is generated: ``$ALIGNSEG_DATA`` or the user cache."""
+    if os.environ.get("ALIGNSEG_DATA"):
+        return Path(os.environ["ALIGNSEG_DATA"]).expanduser() / "synthetic_cityscapes"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return cache / "alignseg" / "synthetic_cityscapes"
+
+
+def load_config(source: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a :class:`Config` from a preset name or YAML path (default: the synthetic demo) and overrides.
+
+    Example:
+        >>> cfg = load_config("synthetic", ["train.iterations=10", "data.crop_size=[64,64]"])
+        >>> cfg.train.iterations, cfg.data.crop_size
+        (10, (64, 64))
+    """
+    values, name = _read_source(DEFAULT_PRESET if source is None else source, seen=())
+    values.setdefault("name", name)
+    cfg = config_from_dict(values, origin=str(source or DEFAULT_PRESET))
+    return apply_overrides(cfg, overrides)
+
+
+def config_from_dict(values: dict[str, Any], origin: str = "config") -> Config:
+    """A :class:`Config` from a nested dict (e.g. one stored in a checkpoint); unknown keys are errors."""
+    cfg = Config()
+    _merge_into(cfg, values, prefix="", origin=origin)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply ``key.sub=value`` strings to a copy of ``cfg``; values are parsed as YAML."""
+    cfg = dataclasses.replace(cfg)  # shallow: the sections are replaced below when touched
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            setattr(cfg, section.name, dataclasses.replace(value))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. train.iterations=500")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        _merge_into(cfg, nested, prefix="", origin=f"override {item!r}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges; raises :class:`ConfigError` naming the key."""
+    for key, allowed in CHOICES.items():
+        section, attr = key.split(".")
+        value = getattr(getattr(cfg, section), attr)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    positive = {
+        "data.num_classes": cfg.data.num_classes,
+        "data.batch_size": cfg.data.batch_size,
+        "train.iterations": cfg.train.iterations,
+        "train.log_every": cfg.train.log_every,
+        "train.keep_last": cfg.train.keep_last,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    for key, value in {
+        "data.workers": cfg.data.workers,
+        "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "optim.warmup_iters": cfg.optim.warmup_iters,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value}")
+    for key, size in {
+        "data.crop_size": cfg.data.crop_size,
+        "data.synthetic_size": cfg.data.synthetic_size,
+        "eval.tile": cfg.eval.tile,
+        "eval.stride": cfg.eval.stride,
+    }.items():
+        if min(size) < 1:
+            raise ConfigError(f"{key} must be two positive sizes [height, width], got {list(size)}")
+    if not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {list(cfg.data.scale_range)}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
+        raise ConfigError(f"eval.scales must be a non-empty list of positive numbers, got {list(cfg.eval.scales)}")
+    if cfg.data.dataset == "folder" and cfg.data.synthetic:
+        raise ConfigError("data.synthetic=true generates a Cityscapes-layout set; set data.dataset=cityscapes")
+
+
+# ----------------------------------------------------------------------------------------------
+# internals
+
+
+def _read_source(source: str | os.PathLike, seen: tuple[Path, ...]) -> tuple[dict[str, Any], str]:
+    """The merged dict of a YAML file and the presets it names, and the config's name."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if not (text.endswith((".yaml", ".yml")) or os.sep in text or path.exists()):
+        if text not in list_presets():
+            raise ConfigError(
+                f"unknown config {text!r}: give a YAML file path or one of the presets {list_presets()}"
+            )
+        path = PRESET_DIR / f"{text}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} names itself as its preset (directly or through others)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    base = values.pop("preset", None)
+    if base is None:
+        return values, path.stem
+    merged, _ = _read_source(str(base), seen + (path.resolve(),))
+    _deep_update(merged, values)
+    merged["name"] = values.get("name", path.stem)
+    return merged, path.stem
+
+
+def _deep_update(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
+
+
+def _merge_into(obj: Any, values: dict[str, Any], prefix: str, origin: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = prefix + str(key)
+        if key not in names:
+            known = [prefix + n for n in names]
+            close = difflib.get_close_matches(full, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {known}"
+            raise ConfigError(f"{origin}: unknown config key {full!r}{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge_into(current, value, full + ".", origin)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, origin))
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; converts lists to tuples and ints to floats."""
+    origin_type = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{origin}: {key} must be {expected}, got {value!r}")
+
+    if origin_type in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, origin)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if origin_type is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list, e.g. {key}=[1,2]")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key, origin) for v in value)
+        if len(value) != len(args):
+            fail(f"a list of {len(args)} values")
+        return tuple(_coerce(v, a, key, origin) for v, a in zip(value, args))
+    if origin_type is dict:
+        if not isinstance(value, dict):
+            fail("a mapping, e.g. {name: value}")
+        return dict(value)
+    raise TypeError(f"config field {key} has an unsupported annotation {hint!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
