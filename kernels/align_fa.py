@@ -1,0 +1,189 @@
+"""AlignFA kernels: ``out = S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``, forward and backward.
+
+``S`` is the shifted bilinear sampling of :mod:`alignseg.kernels.bilinear`. Every feature tensor is
+addressed through its own (n, c, h, w) strides, so one kernel serves contiguous and channels_last
+maps; channels_last is the fast path (each tap reads contiguous channel vectors).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bilinear import align_corners_scale, load_shift, output_pixels, sample_tile, source_coordinate, tap_gradients
+from .launch import LaunchConfig, accumulation_dtype, channel_block, check_index_range, launch_config
+
+
+# out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low.
+# Grid: (pixel blocks, channel blocks, N); a program loads its pixels' four offsets once.
+@triton.jit
+def align_fa_forward_kernel(
+    out_ptr,  # [N, C, H, W] output, low's memory format
+    low_ptr,  # [N, C, H, W] fine map
+    high_ptr,  # [N, C, h, w] coarse map
+    offsets_ptr,  # [N, 4, H, W] (dx, dy) for high, then (dx, dy) for low
+    out_stride_n, out_stride_c, out_stride_h, out_stride_w,
+    low_stride_n, low_stride_c, low_stride_h, low_stride_w,
+    high_stride_n, high_stride_c, high_stride_h, high_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    C, H, W, h, w,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    n = tl.program_id(2).to(tl.int64)
+    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = channels < C
+
+    shift_ptr = offsets_ptr + n * off_stride_n
+    shift_at = rows * off_stride_h + cols * off_stride_w
+    rows_acc = rows.to(ACC_DTYPE)
+    cols_acc = cols.to(ACC_DTYPE)
+
+    x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               align_corners_scale(w, W, ACC_DTYPE), w)
+    y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               align_corners_scale(h, H, ACC_DTYPE), h)
+    acc = sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
+                      x0, y0, fx, fy, h, w, mask_p, mask_c)
+
+    x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               align_corners_scale(W, W, ACC_DTYPE), W)
+    y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               align_corners_scale(H, H, ACC_DTYPE), H)
+    acc += sample_tile(low_ptr + n * low_stride_n, channels, low_stride_c, low_stride_h, low_stride_w,
+                       x0, y0, fx, fy, H, W, mask_p, mask_c)
+
+    out_ptrs = out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None] + channels[None, :] * out_stride_c
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+# d out / d offset = scale * sum over c and taps of grad[c] * d(w_t)/d(frac) * src[c, t]: a sum over
+# all channels, so one program owns a block of pixels and loops over channel blocks, writing each
+# offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer.
+# Grid: (pixel blocks, N).
+@triton.jit
+def align_fa_backward_kernel(
+    grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics
+    grad_high_ptr,  # [N, C, h, w] ACC_DTYPE buffer, zero-filled, accumulated with atomics
+    grad_offsets_ptr,  # [N, 4, H, W] written once per pixel
+    grad_ptr,  # [N, C, H, W] gradient of the output
+    low_ptr,  # [N, C, H, W]
+    high_ptr,  # [N, C, h, w]
+    offsets_ptr,  # [N, 4, H, W]
+    gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
+    gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
+    go_stride_n, go_stride_c, go_stride_h, go_stride_w,
+    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+    low_stride_n, low_stride_c, low_stride_h, low_stride_w,
+    high_stride_n, high_stride_c, high_stride_h, high_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    C, H, W, h, w,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
+
+    shift_ptr = offsets_ptr + n * off_stride_n
+    shift_at = rows * off_stride_h + cols * off_stride_w
+    rows_acc = rows.to(ACC_DTYPE)
+    cols_acc = cols.to(ACC_DTYPE)
+    sx_high = align_corners_scale(w, W, ACC_DTYPE)
+    sy_high = align_corners_scale(h, H, ACC_DTYPE)
+    sx_low = align_corners_scale(W, W, ACC_DTYPE)
+    sy_low = align_corners_scale(H, H, ACC_DTYPE)
+    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_high, w)
+    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_high, h)
+    lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_low, W)
+    ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_low, H)
+
+    grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+    high_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+    high_dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+    low_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+    low_dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+    for c_start in range(0, C, BLOCK_C):
+        channels = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask_c = channels < C
+        grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+        grad = grad.to(ACC_DTYPE)
+        dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad, channels,
+                                 high_stride_c, high_stride_h, high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
+                                 hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=True)
+        high_dfx += dfx
+        high_dfy += dfy
+        dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n, grad, channels,
+                                 low_stride_c, low_stride_h, low_stride_w, gl_stride_c, gl_stride_h, gl_stride_w,
+                                 lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER=True)
+        low_dfx += dfx
+        low_dfy += dfy
+
+    out_ty = grad_offsets_ptr.dtype.element_ty
+    go_at = grad_offsets_ptr + n * go_stride_n + rows * go_stride_h + cols * go_stride_w
+    tl.store(go_at, (high_dfx * sx_high).to(out_ty), mask=mask_p)
+    tl.store(go_at + go_stride_c, (high_dfy * sy_high).to(out_ty), mask=mask_p)
+    tl.store(go_at + 2 * go_stride_c, (low_dfx * sx_low).to(out_ty), mask=mask_p)
+    tl.store(go_at + 3 * go_stride_c, (low_dfy * sy_low).to(out_ty), mask=mask_p)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def align_fa_forward(
+    low: torch.Tensor,
+    high: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel; ``out`` defaults to a new tensor in ``low``'s memory format."""
+    check_index_range("low", low)
+    n, c, H, W = low.shape
+    h, w = high.shape[-2:]
+    if out is None:
+        out = torch.empty_like(low)
+    cfg = launch_config("align_fa_forward", config)
+    block_c = channel_block(c, cfg)
+    grid = (triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n)
+    align_fa_forward_kernel[grid](
+        out, low, high, offsets,
+        *_strides(out), *_strides(low), *_strides(high), *_strides(offsets),
+        c, H, W, h, w,
+        BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1], num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def align_fa_backward(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_offsets: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: gradients of (low, high, offsets) in their dtypes."""
+    check_index_range("low", low)
+    n, c, H, W = low.shape
+    h, w = high.shape[-2:]
+    acc_torch, acc_triton = accumulation_dtype(low.dtype)
+    grad_low = torch.zeros_like(low, dtype=acc_torch)
+    grad_high = torch.zeros_like(high, dtype=acc_torch)
+    if grad_offsets is None:
+        grad_offsets = torch.empty_like(offsets)
+    cfg = launch_config("align_fa_backward", config)
+    block_c = channel_block(c, cfg)
+    grid = (triton.cdiv(H * W, cfg.block_p), n)
+    align_fa_backward_kernel[grid](
+        grad_low, grad_high, grad_offsets, grad, low, high, offsets,
+        *_strides(grad_low), *_strides(grad_high), *_strides(grad_offsets), *_strides(grad),
+        *_strides(low), *_strides(high), *_strides(offsets),
+        c, H, W, h, w,
+        BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=acc_triton, num_warps=cfg.num_warps,
+    )
+    return grad_low.to(low.dtype), grad_high.to(high.dtype), grad_offsets

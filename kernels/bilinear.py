@@ -1,0 +1,130 @@
+"""The bilinear sampling rule S shared by every AlignFA/AlignCM kernel, as ``@triton.jit`` helpers.
+
+Convention (identical to :mod:`alignseg.ops.sampling`, the eager reference): output pixel (i, j)
+shifted by (dx, dy) output pixels reads the source of size (h, w) at
+``x = (j + dx) * (w - 1) / (W - 1)``, ``y = (i + dy) * (h - 1) / (H - 1)`` (scale 0 for an output
+size of 1), from its four integer neighbours; a neighbour outside the source weighs zero. A NaN
+coordinate becomes -2 (outside, zero, no gradient); every coordinate is clamped to [-2, size + 1]
+(all taps already outside there) so huge or infinite offsets convert to int32 safely.
+All arithmetic runs in ``ACC_DTYPE`` (fp32, or fp64 for fp64 inputs).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def align_corners_scale(src_size, out_size, ACC_DTYPE: tl.constexpr):
+    """(src_size - 1) / (out_size - 1) as ACC_DTYPE, 0 when out_size == 1."""
+    ratio = (src_size - 1).to(ACC_DTYPE) / tl.maximum(out_size - 1, 1).to(ACC_DTYPE)
+    return tl.where(out_size > 1, ratio, 0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def source_coordinate(index, shift, scale, src_size):
+    """Split the source coordinate (index + shift) * scale into (floor as int32, fraction).
+
+    ``index`` is the output row/column, ``shift`` the offset in ACC_DTYPE. The clamp keeps
+    tap arithmetic in int32 range; the fraction is exact for coordinates inside the map.
+    """
+    pos = (index + shift) * scale
+    pos = tl.where(pos != pos, -2.0, pos)  # NaN -> outside
+    pos = tl.minimum(tl.maximum(pos, -2.0), src_size + 1.0)
+    pos_floor = tl.floor(pos)
+    return pos_floor.to(tl.int32), pos - pos_floor
+
+
+@triton.jit
+def bilinear_tap(x0, y0, fx, fy, h, w, DX: tl.constexpr, DY: tl.constexpr):
+    """Tap (x0 + DX, y0 + DY): its source column and row, weight, d(weight)/dfx, d(weight)/dfy, inside mask.
+
+    The weight is not masked: callers mask the load/store with ``inside`` instead.
+    """
+    xx = x0 + DX
+    yy = y0 + DY
+    if DX == 1:
+        wx = fx
+        dwx = 1.0
+    else:
+        wx = 1.0 - fx
+        dwx = -1.0
+    if DY == 1:
+        wy = fy
+        dwy = 1.0
+    else:
+        wy = 1.0 - fy
+        dwy = -1.0
+    inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+    return xx, yy, wx * wy, dwx * wy, wx * dwy, inside
+
+
+@triton.jit
+def sample_tile(
+    src_ptr,  # source map [h, w] x channels of one batch row per pixel, already offset by n * stride_n
+    channels,  # [BLOCK_C] channel indices
+    stride_c, stride_h, stride_w,
+    x0, y0, fx, fy,  # [BLOCK_P] tap corners and fractions
+    h, w,
+    mask_p, mask_c,
+):
+    """Bilinear sample of a (BLOCK_P, BLOCK_C) tile, accumulated in the fractions' dtype."""
+    acc = tl.zeros((x0.shape[0], channels.shape[0]), dtype=fx.dtype)
+    for DY in tl.static_range(2):
+        for DX in tl.static_range(2):
+            xx, yy, weight, _, _, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
+            ptrs = src_ptr + (yy.to(tl.int64) * stride_h + xx.to(tl.int64) * stride_w)[:, None] + channels[None, :] * stride_c
+            tap = tl.load(ptrs, mask=(inside & mask_p)[:, None] & mask_c[None, :], other=0.0)
+            acc += tap.to(fx.dtype) * weight[:, None]
+    return acc
+
+
+@triton.jit
+def tap_gradients(
+    src_ptr,  # source map of one batch row per pixel, already offset by n * stride_n
+    grad_src_ptr,  # fp32/fp64 gradient buffer of the source, same layout rules, offset likewise
+    grad,  # [BLOCK_P, BLOCK_C] incoming gradient tile in ACC_DTYPE (zero where masked)
+    channels,
+    stride_c, stride_h, stride_w,
+    gstride_c, gstride_h, gstride_w,
+    x0, y0, fx, fy,
+    h, w,
+    mask_p, mask_c,
+    SCATTER: tl.constexpr,
+):
+    """Backward of :func:`sample_tile` for one channel block.
+
+    Returns the per-pixel partial sums over this block's channels of grad * d(sample)/dfx and
+    grad * d(sample)/dfy. With SCATTER it also atomically adds grad * weight into each tap of
+    the source gradient (callers with a tiny source reduce per program instead).
+    """
+    dfx = tl.zeros((x0.shape[0],), dtype=fx.dtype)
+    dfy = tl.zeros((x0.shape[0],), dtype=fx.dtype)
+    for DY in tl.static_range(2):
+        for DX in tl.static_range(2):
+            xx, yy, weight, dwx, dwy, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
+            mask = (inside & mask_p)[:, None] & mask_c[None, :]
+            row = yy.to(tl.int64)
+            col = xx.to(tl.int64)
+            ptrs = src_ptr + (row * stride_h + col * stride_w)[:, None] + channels[None, :] * stride_c
+            tap = tl.load(ptrs, mask=mask, other=0.0).to(fx.dtype)
+            grad_tap = tl.sum(grad * tap, axis=1)
+            dfx += dwx * grad_tap
+            dfy += dwy * grad_tap
+            if SCATTER:
+                gptrs = grad_src_ptr + (row * gstride_h + col * gstride_w)[:, None] + channels[None, :] * gstride_c
+                tl.atomic_add(gptrs, grad * weight[:, None], mask=mask, sem="relaxed")
+    return dfx, dfy
+
+
+@triton.jit
+def output_pixels(pid_p, H, W, BLOCK_P: tl.constexpr):
+    """Rows and columns (int64) of one block of output pixels of an (H, W) grid, and its mask."""
+    pixels = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows = pixels // W
+    return rows, pixels - rows * W, pixels < H * W
+
+
+@triton.jit
+def load_shift(offsets_ptr, index, stride_c, pixel_offsets, mask_p, ACC_DTYPE: tl.constexpr):
+    """Offset channel ``index`` at a block of pixels, as ACC_DTYPE."""
+    return tl.load(offsets_ptr + index * stride_c + pixel_offsets, mask=mask_p, other=0.0).to(ACC_DTYPE)

@@ -1,0 +1,68 @@
+"""Block sizes and warp counts of every kernel launch, in one place for tuning.
+
+``GPU_CONFIGS`` holds what real launches use; edit it (or pass ``config=`` to a launcher) to tune.
+Under ``TRITON_INTERPRET=1`` each program instance costs milliseconds of Python, so the
+interpreter gets few, large blocks instead (same kernels, different constexprs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    block_p: int  # output pixels per program (power of two)
+    max_block_c: int  # channels per program (or per loop step in the backward): min(this, next_pow2(C))
+    num_warps: int
+
+
+# align_fa forward reads 8 taps of a BLOCK_P x BLOCK_C tile, backward loops over channel blocks.
+GPU_CONFIGS: dict[str, LaunchConfig] = {
+    "align_fa_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=4),
+    "align_fa_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=4),
+    "align_cm_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=4),
+    "align_cm_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=4),
+}
+
+INTERPRETER_CONFIG = LaunchConfig(block_p=1024, max_block_c=128, num_warps=1)
+
+# tl.dot (the per-program context reduction of align_cm) needs every dimension >= 16.
+MIN_DOT_SIZE = 16
+# align_cm reduces the context gradient per program when the context has at most this many cells;
+# larger contexts scatter with atomics like align_fa.
+MAX_REDUCED_CELLS = 64
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_config(kernel: str, config: LaunchConfig | None = None) -> LaunchConfig:
+    if config is not None:
+        return config
+    return INTERPRETER_CONFIG if interpreting() else GPU_CONFIGS[kernel]
+
+
+def channel_block(channels: int, config: LaunchConfig, minimum: int = 1) -> int:
+    return max(minimum, min(config.max_block_c, triton.next_power_of_2(channels)))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    """fp64 for fp64 inputs, else fp32: as a torch dtype (buffers) and a Triton dtype (constexpr)."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def check_index_range(name: str, t: torch.Tensor) -> None:
+    """Pixel indices inside a batch row are int64 but the grid's first axis must fit its limit."""
+    if t.shape[-2] * t.shape[-1] >= 2**31:
+        raise ValueError(f"{name} has {t.shape[-2] * t.shape[-1]} pixels per map; the kernels support fewer than 2**31")
+    if t.shape[0] > 65535:
+        raise ValueError(f"{name} has batch size {t.shape[0]}; the kernels' grid supports at most 65535")
