@@ -1,0 +1,214 @@
+"""AlignCM kernels: ``out = S(context, offsets) + local``, forward and backward.
+
+``context`` is tiny (k1 x k2 cells, 3x3 in the paper) and every output pixel samples it, so in the
+backward each program first reduces its pixels' contributions per cell and then adds one value per
+(cell, channel) to the context gradient, instead of every pixel fighting for the same nine addresses.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bilinear import (
+    align_corners_scale,
+    bilinear_tap,
+    load_shift,
+    output_pixels,
+    sample_tile,
+    source_coordinate,
+    tap_gradients,
+)
+from .launch import (
+    MAX_REDUCED_CELLS,
+    MIN_DOT_SIZE,
+    LaunchConfig,
+    accumulation_dtype,
+    channel_block,
+    check_index_range,
+    launch_config,
+)
+
+
+# out[n, c, i, j] = sum over the 4 taps t of context: w_t * context[n, c, t] + local[n, c, i, j].
+# Grid: (pixel blocks, channel blocks, N).
+@triton.jit
+def align_cm_forward_kernel(
+    out_ptr,  # [N, C, H, W] output, local's memory format
+    context_ptr,  # [N, C, k1, k2] pooled context
+    offsets_ptr,  # [N, 2, H, W] (dx, dy)
+    local_ptr,  # [N, C, H, W]
+    out_stride_n, out_stride_c, out_stride_h, out_stride_w,
+    ctx_stride_n, ctx_stride_c, ctx_stride_h, ctx_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    loc_stride_n, loc_stride_c, loc_stride_h, loc_stride_w,
+    C, H, W, k1, k2,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    n = tl.program_id(2).to(tl.int64)
+    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = channels < C
+    mask = mask_p[:, None] & mask_c[None, :]
+
+    shift_ptr = offsets_ptr + n * off_stride_n
+    shift_at = rows * off_stride_h + cols * off_stride_w
+    x0, fx = source_coordinate(cols.to(ACC_DTYPE), load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               align_corners_scale(k2, W, ACC_DTYPE), k2)
+    y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               align_corners_scale(k1, H, ACC_DTYPE), k1)
+    acc = sample_tile(context_ptr + n * ctx_stride_n, channels, ctx_stride_c, ctx_stride_h, ctx_stride_w,
+                      x0, y0, fx, fy, k1, k2, mask_p, mask_c)
+
+    local_ptrs = local_ptr + n * loc_stride_n + (rows * loc_stride_h + cols * loc_stride_w)[:, None] + channels[None, :] * loc_stride_c
+    acc += tl.load(local_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+    out_ptrs = out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None] + channels[None, :] * out_stride_c
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS: tl.constexpr):
+    """[BLOCK_P, CELLS] matrix: the total bilinear weight each pixel puts on each context cell."""
+    cells = tl.arange(0, CELLS)
+    weights = tl.zeros((x0.shape[0], CELLS), dtype=fx.dtype)
+    for DY in tl.static_range(2):
+        for DX in tl.static_range(2):
+            xx, yy, weight, _, _, inside = bilinear_tap(x0, y0, fx, fy, k1, k2, DX, DY)
+            hit = ((yy * k2 + xx)[:, None] == cells[None, :]) & (inside & mask_p)[:, None]
+            weights += tl.where(hit, weight[:, None], 0.0)
+    return weights
+
+
+# d out / d offset as in align_fa (sum over channels, program loops over channel blocks).
+# d out / d context[cell, c] = sum over pixels p of W[p, cell] * grad[p, c] = (W^T @ grad)[cell, c]:
+# reduced per program with one tl.dot, then one atomic add per (cell, channel). Contexts with more
+# than MAX_REDUCED_CELLS cells (REDUCE_CELLS false) scatter per tap instead. Grid: (pixel blocks, N).
+@triton.jit
+def align_cm_backward_kernel(
+    grad_context_ptr,  # [N, C, k1, k2] ACC_DTYPE buffer, zero-filled, accumulated with atomics
+    grad_offsets_ptr,  # [N, 2, H, W] written once per pixel
+    grad_ptr,  # [N, C, H, W] gradient of the output
+    context_ptr,  # [N, C, k1, k2]
+    offsets_ptr,  # [N, 2, H, W]
+    gc_stride_n, gc_stride_c, gc_stride_h, gc_stride_w,
+    go_stride_n, go_stride_c, go_stride_h, go_stride_w,
+    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+    ctx_stride_n, ctx_stride_c, ctx_stride_h, ctx_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    C, H, W, k1, k2,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CELLS: tl.constexpr,
+    REDUCE_CELLS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
+
+    shift_ptr = offsets_ptr + n * off_stride_n
+    shift_at = rows * off_stride_h + cols * off_stride_w
+    sx = align_corners_scale(k2, W, ACC_DTYPE)
+    sy = align_corners_scale(k1, H, ACC_DTYPE)
+    x0, fx = source_coordinate(cols.to(ACC_DTYPE), load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx, k2)
+    y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy, k1)
+    if REDUCE_CELLS:
+        weights_t = tl.trans(cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS))
+        cells = tl.arange(0, CELLS)
+        cell_rows = cells // k2
+        cell_at = (cell_rows * gc_stride_h + (cells - cell_rows * k2) * gc_stride_w).to(tl.int64)
+        mask_cells = cells < k1 * k2
+
+    context_at = context_ptr + n * ctx_stride_n
+    grad_context_at = grad_context_ptr + n * gc_stride_n
+    grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+    dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+    dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+    for c_start in range(0, C, BLOCK_C):
+        channels = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask_c = channels < C
+        grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+        grad = grad.to(ACC_DTYPE)
+        block_dfx, block_dfy = tap_gradients(context_at, grad_context_at, grad, channels,
+                                             ctx_stride_c, ctx_stride_h, ctx_stride_w, gc_stride_c, gc_stride_h, gc_stride_w,
+                                             x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=not REDUCE_CELLS)
+        dfx += block_dfx
+        dfy += block_dfy
+        if REDUCE_CELLS:
+            per_cell = tl.dot(weights_t, grad, input_precision="ieee", out_dtype=ACC_DTYPE)
+            tl.atomic_add(grad_context_at + cell_at[:, None] + channels[None, :] * gc_stride_c, per_cell,
+                          mask=mask_cells[:, None] & mask_c[None, :], sem="relaxed")
+
+    out_ty = grad_offsets_ptr.dtype.element_ty
+    go_at = grad_offsets_ptr + n * go_stride_n + rows * go_stride_h + cols * go_stride_w
+    tl.store(go_at, (dfx * sx).to(out_ty), mask=mask_p)
+    tl.store(go_at + go_stride_c, (dfy * sy).to(out_ty), mask=mask_p)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def align_cm_forward(
+    context: torch.Tensor,
+    offsets: torch.Tensor,
+    local: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel; ``out`` defaults to a new tensor in ``local``'s memory format."""
+    check_index_range("local", local)
+    n, c, H, W = local.shape
+    k1, k2 = context.shape[-2:]
+    if out is None:
+        out = torch.empty_like(local)
+    cfg = launch_config("align_cm_forward", config)
+    block_c = channel_block(c, cfg)
+    grid = (triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n)
+    align_cm_forward_kernel[grid](
+        out, context, offsets, local,
+        *_strides(out), *_strides(context), *_strides(offsets), *_strides(local),
+        c, H, W, k1, k2,
+        BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(local.dtype)[1], num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def reduced_cells(k1: int, k2: int) -> int:
+    """CELLS constexpr of the backward: 0 (scatter with atomics) for large contexts."""
+    if k1 * k2 > MAX_REDUCED_CELLS:
+        return 0
+    return max(MIN_DOT_SIZE, triton.next_power_of_2(k1 * k2))
+
+
+def align_cm_backward(
+    grad: torch.Tensor,
+    context: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_offsets: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: gradients of (context, offsets); local's gradient is ``grad`` itself."""
+    check_index_range("grad", grad)
+    n, c, H, W = grad.shape
+    k1, k2 = context.shape[-2:]
+    acc_torch, acc_triton = accumulation_dtype(context.dtype)
+    grad_context = torch.zeros_like(context, dtype=acc_torch)
+    if grad_offsets is None:
+        grad_offsets = torch.empty_like(offsets)
+    cfg = launch_config("align_cm_backward", config)
+    cells = reduced_cells(k1, k2)
+    # tl.dot needs BLOCK_P and BLOCK_C of at least 16 too.
+    block_c = channel_block(c, cfg, minimum=MIN_DOT_SIZE if cells else 1)
+    block_p = max(cfg.block_p, MIN_DOT_SIZE) if cells else cfg.block_p
+    grid = (triton.cdiv(H * W, block_p), n)
+    align_cm_backward_kernel[grid](
+        grad_context, grad_offsets, grad, context, offsets,
+        *_strides(grad_context), *_strides(grad_offsets), *_strides(grad), *_strides(context), *_strides(offsets),
+        c, H, W, k1, k2,
+        BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0, ACC_DTYPE=acc_triton,
+        num_warps=cfg.num_warps,
+    )
+    return grad_context.to(context.dtype), grad_offsets
