@@ -1,1 +1,27 @@
+"""The AlignSeg network: deep-stem ResNet backbone, AlignFA/AlignCM decoder, presets and helpers."""
 
+from .complexity import complexity, format_model_summary
+from .modules import RRB, AlignCM, AlignFA, OffsetHead, SegHead
+from .network import OFFSET_NAMES, AlignSeg, convert_sync_batchnorm
+from .registry import PRESETS, build, list_models
+from .resnet import ResNetBackbone
+from .weights import BackboneLoadReport, load_backbone_weights
+
+__all__ = [
+    "OFFSET_NAMES",
+    "PRESETS",
+    "RRB",
+    "AlignCM",
+    "AlignFA",
+    "AlignSeg",
+    "BackboneLoadReport",
+    "OffsetHead",
+    "ResNetBackbone",
+    "SegHead",
+    "build",
+    "complexity",
+    "convert_sync_batchnorm",
+    "format_model_summary",
+    "list_models",
+    "load_backbone_weights",
+]
