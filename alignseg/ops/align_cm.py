@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import require_triton, use_triton
 from .sampling import (
     check_feature_map,
     check_offsets,
     check_same_device,
+    empty_output,
     output_memory_format,
     sample_reference,
 )
@@ -57,9 +58,52 @@ def align_cm(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
     """
     _check_align_cm(context, offsets, local)
     if use_triton(local.device):
-        return _align_cm_triton(context, offsets, local)
+        return torch.ops.alignseg.align_cm_forward(context, offsets, local)
     return align_cm_reference(context, offsets, local)
 
 
-def _align_cm_triton(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
-    raise NotImplementedError("the Triton path of align_cm is not written yet")
+# ----------------------------------------------------------------------------------------------
+# Custom ops around the Triton kernels (alignseg.kernels.align_cm, imported on first use), as in
+# align_fa.py. The gradient of local is the output gradient itself, so the backward op returns
+# only the gradients of context and offsets.
+
+
+@torch.library.custom_op("alignseg::align_cm_forward", mutates_args=())
+def _align_cm_forward(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
+    require_triton(local.device)
+    from alignseg.kernels.align_cm import align_cm_forward
+
+    return align_cm_forward(context, offsets, local, out=empty_output(local))
+
+
+@_align_cm_forward.register_fake
+def _(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
+    return empty_output(local)
+
+
+@torch.library.custom_op("alignseg::align_cm_backward", mutates_args=())
+def _align_cm_backward(grad: Tensor, context: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    require_triton(context.device)
+    from alignseg.kernels.align_cm import align_cm_backward
+
+    return align_cm_backward(grad, context, offsets)
+
+
+@_align_cm_backward.register_fake
+def _(grad: Tensor, context: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(context), torch.empty_like(offsets)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    context, offsets, local = inputs
+    ctx.save_for_backward(context, offsets)
+    ctx.local_format = output_memory_format(local)
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    context, offsets = ctx.saved_tensors
+    grad_context, grad_offsets = torch.ops.alignseg.align_cm_backward(grad, context, offsets)
+    return grad_context, grad_offsets, grad.contiguous(memory_format=ctx.local_format)
+
+
+_align_cm_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import require_triton, use_triton
 from .sampling import (
     check_feature_map,
     check_offsets,
     check_same_device,
+    empty_output,
     output_memory_format,
     sample_reference,
 )
@@ -63,9 +64,49 @@ def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
     """
     _check_align_fa(low, high, offsets)
     if use_triton(low.device):
-        return _align_fa_triton(low, high, offsets)
+        return torch.ops.alignseg.align_fa_forward(low, high, offsets)
     return align_fa_reference(low, high, offsets)
 
 
-def _align_fa_triton(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
-    raise NotImplementedError("the Triton path of align_fa is not written yet")
+# ----------------------------------------------------------------------------------------------
+# Custom ops around the Triton kernels (alignseg.kernels.align_fa, imported on first use so that
+# TRITON_INTERPRET is read then and alignseg imports without triton). The backward is its own op, so
+# torch.compile sees both as opaque nodes with fake (meta) versions and traces them without a break.
+
+
+@torch.library.custom_op("alignseg::align_fa_forward", mutates_args=())
+def _align_fa_forward(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+    require_triton(low.device)
+    from alignseg.kernels.align_fa import align_fa_forward
+
+    return align_fa_forward(low, high, offsets, out=empty_output(low))
+
+
+@_align_fa_forward.register_fake
+def _(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+    return empty_output(low)
+
+
+@torch.library.custom_op("alignseg::align_fa_backward", mutates_args=())
+def _align_fa_backward(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    require_triton(low.device)
+    from alignseg.kernels.align_fa import align_fa_backward
+
+    return align_fa_backward(grad, low, high, offsets)
+
+
+@_align_fa_backward.register_fake
+def _(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(low), torch.empty_like(high), torch.empty_like(offsets)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    low, high, offsets = ctx.saved_tensors
+    return torch.ops.alignseg.align_fa_backward(grad, low, high, offsets)
+
+
+_align_fa_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -16,7 +16,7 @@ The decision is plain Python on values that do not change inside a compiled regi
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -59,19 +59,32 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
-@functools.cache
+# Looked up once, without importing triton (slow, and optional): a plain module constant is also
+# what lets torch.compile evaluate the backend choice without tracing into a cache wrapper.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the ``triton`` package imports (it is optional)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising something else
-        return False
-    return True
+    """True when the ``triton`` package is installed (it is optional)."""
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
     """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on tensors of ``device`` (None when they can)."""
+    if not triton_available():
+        return "the triton package is not installed (pip install 'alignseg[triton]')"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return "tensors are on the CPU and TRITON_INTERPRET=1 was not set before alignseg was imported"
+    return f"Triton does not run on device type {device.type!r}"
 
 
 def use_triton(device: torch.device) -> bool:
@@ -82,13 +95,14 @@ def use_triton(device: torch.device) -> bool:
     backend = get_backend()
     if backend == "reference":
         return False
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
-    if backend == "triton" and not runnable:
-        if not triton_available():
-            why = "the triton package is not installed (pip install 'alignseg[triton]')"
-        elif device.type == "cpu":
-            why = "tensors are on the CPU and TRITON_INTERPRET=1 was not set before alignseg was imported"
-        else:
-            why = f"Triton does not run on device type {device.type!r}"
-        raise RuntimeError(f"ALIGNSEG_BACKEND=triton but the Triton kernels cannot run: {why}")
-    return runnable
+    why_not = triton_unavailable_reason(device)
+    if backend == "triton" and why_not is not None:
+        raise RuntimeError(f"ALIGNSEG_BACKEND=triton but the Triton kernels cannot run: {why_not}")
+    return why_not is None
+
+
+def require_triton(device: torch.device) -> None:
+    """Raise ``RuntimeError`` when the kernels cannot run on ``device`` (called by the custom ops)."""
+    why_not = triton_unavailable_reason(device)
+    if why_not is not None:
+        raise RuntimeError(f"the alignseg Triton kernels cannot run: {why_not}")

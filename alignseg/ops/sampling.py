@@ -104,3 +104,8 @@ def output_memory_format(t: Tensor) -> torch.memory_format:
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def empty_output(t: Tensor) -> Tensor:
+    """An uninitialised tensor shaped like ``t`` in :func:`output_memory_format` of ``t``."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=output_memory_format(t))
