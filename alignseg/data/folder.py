@@ -1,0 +1,48 @@
+"""A generic segmentation dataset: a folder of images and a folder of single-channel masks of class ids.
+
+Masks hold train ids directly (0..num_classes-1, 255 = ignore). Image ``a/b/x{image_suffix}`` pairs with
+mask ``a/b/x{mask_suffix}`` at the same relative path under ``mask_dir``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .base import IGNORE_INDEX, PairTransform, SegmentationDataset
+
+
+class FolderDataset(SegmentationDataset):
+    """Images under ``image_dir`` ending in ``image_suffix``, masks under ``mask_dir`` ending in ``mask_suffix``.
+
+    Subfolders are searched. ``class_names`` defaults to ``class_0, class_1, ...``.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        mask_dir: str | Path,
+        image_suffix: str = ".jpg",
+        mask_suffix: str = ".png",
+        num_classes: int = 2,
+        transform: PairTransform | None = None,
+        class_names: Sequence[str] | None = None,
+    ):
+        if not isinstance(num_classes, int) or not 1 <= num_classes < IGNORE_INDEX:
+            raise ValueError(f"num_classes must be an integer in [1, {IGNORE_INDEX}), got {num_classes!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names must have num_classes={num_classes} entries, got {len(class_names)}")
+        self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
+        for name, folder in (("image_dir", self.image_dir), ("mask_dir", self.mask_dir)):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{name} {folder} is not a directory")
+        self.num_classes = num_classes
+        self.class_names = tuple(class_names) if class_names is not None else tuple(f"class_{i}" for i in range(num_classes))
+        files, missing = [], []
+        for image_path in sorted(self.image_dir.rglob(f"*{image_suffix}")):
+            relative = image_path.relative_to(self.image_dir)
+            mask_path = self.mask_dir / relative.parent / (relative.name[: -len(image_suffix)] + mask_suffix)
+            (files if mask_path.is_file() else missing).append((image_path, mask_path))
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images under {self.image_dir} have no mask, e.g. {missing[0][1]}")
+        super().__init__(files, transform, where=f"{self.image_dir} (*{image_suffix})")
