@@ -24,12 +24,11 @@ from typing import Any
 
 import yaml
 
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "synthetic"
 
-# ImageNet statistics in [0, 1] units: the backbone's pretraining normalisation.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConfigError(ValueError):
@@ -51,11 +50,11 @@ class ModelConfig:
 class DataConfig:
     """Datasets, augmentation and loading. ``batch_size`` is the total over all processes."""
 
-    dataset: str = "cityscapes"  # cityscapes | ade20k | folder
-    # Dataset root. For the synthetic set, null means the user cache (see default_synthetic_root).
+    # cityscapes | ade20k | folder | synthetic (generated on first use in the Cityscapes layout at
+    # `root`, then read by the Cityscapes loader: the built-in demo)
+    dataset: str = "cityscapes"
+    # Dataset folder. For the synthetic set, null means the user cache (see default_synthetic_root).
     root: str | None = None
-    # Generate the synthetic Cityscapes-layout set at `root` when it is missing (the built-in demo).
-    synthetic: bool = False
     synthetic_train: int = 160
     synthetic_val: int = 40
     synthetic_size: tuple[int, int] = (128, 256)
@@ -66,7 +65,7 @@ class DataConfig:
     crop_size: tuple[int, int] = (769, 769)
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
-    jitter: bool = True
+    jitter: float = 0.25  # photometric jitter strength (0 = off)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = 8
@@ -158,7 +157,7 @@ class Config:
 
 
 CHOICES = {
-    "data.dataset": ("cityscapes", "ade20k", "folder"),
+    "data.dataset": ("cityscapes", "ade20k", "folder", "synthetic"),
     "optim.name": ("sgd", "adamw"),
     "loss.name": ("ce", "ohem", "ce_lovasz"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -271,8 +270,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
         raise ConfigError(f"eval.scales must be a non-empty list of positive numbers, got {list(cfg.eval.scales)}")
-    if cfg.data.dataset == "folder" and cfg.data.synthetic:
-        raise ConfigError("data.synthetic=true generates a Cityscapes-layout set; set data.dataset=cityscapes")
 
 
 # ----------------------------------------------------------------------------------------------
