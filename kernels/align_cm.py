@@ -22,6 +22,7 @@ from .bilinear import (
 )
 from .launch import (
     MAX_REDUCED_CELLS,
+    KernelLaunch,
     MIN_DOT_SIZE,
     LaunchConfig,
     accumulation_dtype,
@@ -151,14 +152,14 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def align_cm_forward(
+def plan_align_cm_forward(
     context: torch.Tensor,
     offsets: torch.Tensor,
     local: torch.Tensor,
     out: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
-) -> torch.Tensor:
-    """Launch the forward kernel; ``out`` defaults to a new tensor in ``local``'s memory format."""
+) -> tuple[KernelLaunch, torch.Tensor]:
+    """The forward launch and its output (``out``, default a new tensor shaped and laid out like ``local``)."""
     check_index_range("local", local)
     n, c, H, W = local.shape
     k1, k2 = context.shape[-2:]
@@ -166,13 +167,27 @@ def align_cm_forward(
         out = torch.empty_like(local)
     cfg = launch_config("align_cm_forward", config)
     block_c = channel_block(c, cfg)
-    grid = (triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n)
-    align_cm_forward_kernel[grid](
-        out, context, offsets, local,
-        *_strides(out), *_strides(context), *_strides(offsets), *_strides(local),
-        c, H, W, k1, k2,
-        BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(local.dtype)[1], num_warps=cfg.num_warps,
+    launch = KernelLaunch(
+        align_cm_forward_kernel,
+        grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
+        args=(out, context, offsets, local, *_strides(out), *_strides(context), *_strides(offsets), *_strides(local),
+              c, H, W, k1, k2),
+        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(local.dtype)[1]),
+        num_warps=cfg.num_warps,
     )
+    return launch, out
+
+
+def align_cm_forward(
+    context: torch.Tensor,
+    offsets: torch.Tensor,
+    local: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """``S(context, offsets) + local`` written into ``out`` (see the plan)."""
+    launch, out = plan_align_cm_forward(context, offsets, local, out, config)
+    launch()
     return out
 
 
@@ -183,14 +198,14 @@ def reduced_cells(k1: int, k2: int) -> int:
     return max(MIN_DOT_SIZE, triton.next_power_of_2(k1 * k2))
 
 
-def align_cm_backward(
+def plan_align_cm_backward(
     grad: torch.Tensor,
     context: torch.Tensor,
     offsets: torch.Tensor,
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: gradients of (context, offsets); local's gradient is ``grad`` itself."""
+) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor]]:
+    """The backward launch and its outputs: a zeroed fp32/fp64 buffer for context, and grad_offsets."""
     check_index_range("grad", grad)
     n, c, H, W = grad.shape
     k1, k2 = context.shape[-2:]
@@ -203,12 +218,28 @@ def align_cm_backward(
     # tl.dot needs BLOCK_P and BLOCK_C of at least 16 too.
     block_c = channel_block(c, cfg, minimum=MIN_DOT_SIZE if cells else 1)
     block_p = max(cfg.block_p, MIN_DOT_SIZE) if cells else cfg.block_p
-    grid = (triton.cdiv(H * W, block_p), n)
-    align_cm_backward_kernel[grid](
-        grad_context, grad_offsets, grad, context, offsets,
-        *_strides(grad_context), *_strides(grad_offsets), *_strides(grad), *_strides(context), *_strides(offsets),
-        c, H, W, k1, k2,
-        BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0, ACC_DTYPE=acc_triton,
+    launch = KernelLaunch(
+        align_cm_backward_kernel,
+        grid=(triton.cdiv(H * W, block_p), n),
+        args=(
+            grad_context, grad_offsets, grad, context, offsets,
+            *_strides(grad_context), *_strides(grad_offsets), *_strides(grad), *_strides(context), *_strides(offsets),
+            c, H, W, k1, k2,
+        ),
+        constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0, ACC_DTYPE=acc_triton),
         num_warps=cfg.num_warps,
     )
+    return launch, (grad_context, grad_offsets)
+
+
+def align_cm_backward(
+    grad: torch.Tensor,
+    context: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_offsets: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of (context, offsets) in their dtypes; local's gradient is ``grad`` itself."""
+    launch, (grad_context, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets, config)
+    launch()
     return grad_context.to(context.dtype), grad_offsets

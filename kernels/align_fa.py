@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .bilinear import align_corners_scale, load_shift, output_pixels, sample_tile, source_coordinate, tap_gradients
-from .launch import LaunchConfig, accumulation_dtype, channel_block, check_index_range, launch_config
+from .launch import KernelLaunch, LaunchConfig, accumulation_dtype, channel_block, check_index_range, launch_config
 
 
 # out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low.
@@ -134,14 +134,14 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def align_fa_forward(
+def plan_align_fa_forward(
     low: torch.Tensor,
     high: torch.Tensor,
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
-) -> torch.Tensor:
-    """Launch the forward kernel; ``out`` defaults to a new tensor in ``low``'s memory format."""
+) -> tuple[KernelLaunch, torch.Tensor]:
+    """The forward launch and its output (``out``, default a new tensor shaped and laid out like ``low``)."""
     check_index_range("low", low)
     n, c, H, W = low.shape
     h, w = high.shape[-2:]
@@ -149,14 +149,60 @@ def align_fa_forward(
         out = torch.empty_like(low)
     cfg = launch_config("align_fa_forward", config)
     block_c = channel_block(c, cfg)
-    grid = (triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n)
-    align_fa_forward_kernel[grid](
-        out, low, high, offsets,
-        *_strides(out), *_strides(low), *_strides(high), *_strides(offsets),
-        c, H, W, h, w,
-        BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1], num_warps=cfg.num_warps,
+    launch = KernelLaunch(
+        align_fa_forward_kernel,
+        grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
+        args=(out, low, high, offsets, *_strides(out), *_strides(low), *_strides(high), *_strides(offsets), c, H, W, h, w),
+        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1]),
+        num_warps=cfg.num_warps,
     )
+    return launch, out
+
+
+def align_fa_forward(
+    low: torch.Tensor,
+    high: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])`` written into ``out`` (see the plan)."""
+    launch, out = plan_align_fa_forward(low, high, offsets, out, config)
+    launch()
     return out
+
+
+def plan_align_fa_backward(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_offsets: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The backward launch and its outputs: zeroed fp32/fp64 buffers for low and high, and grad_offsets."""
+    check_index_range("low", low)
+    n, c, H, W = low.shape
+    h, w = high.shape[-2:]
+    acc_torch, acc_triton = accumulation_dtype(low.dtype)
+    grad_low = torch.zeros_like(low, dtype=acc_torch)
+    grad_high = torch.zeros_like(high, dtype=acc_torch)
+    if grad_offsets is None:
+        grad_offsets = torch.empty_like(offsets)
+    cfg = launch_config("align_fa_backward", config)
+    launch = KernelLaunch(
+        align_fa_backward_kernel,
+        grid=(triton.cdiv(H * W, cfg.block_p), n),
+        args=(
+            grad_low, grad_high, grad_offsets, grad, low, high, offsets,
+            *_strides(grad_low), *_strides(grad_high), *_strides(grad_offsets), *_strides(grad),
+            *_strides(low), *_strides(high), *_strides(offsets),
+            c, H, W, h, w,
+        ),
+        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton),
+        num_warps=cfg.num_warps,
+    )
+    return launch, (grad_low, grad_high, grad_offsets)
 
 
 def align_fa_backward(
@@ -167,23 +213,7 @@ def align_fa_backward(
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: gradients of (low, high, offsets) in their dtypes."""
-    check_index_range("low", low)
-    n, c, H, W = low.shape
-    h, w = high.shape[-2:]
-    acc_torch, acc_triton = accumulation_dtype(low.dtype)
-    grad_low = torch.zeros_like(low, dtype=acc_torch)
-    grad_high = torch.zeros_like(high, dtype=acc_torch)
-    if grad_offsets is None:
-        grad_offsets = torch.empty_like(offsets)
-    cfg = launch_config("align_fa_backward", config)
-    block_c = channel_block(c, cfg)
-    grid = (triton.cdiv(H * W, cfg.block_p), n)
-    align_fa_backward_kernel[grid](
-        grad_low, grad_high, grad_offsets, grad, low, high, offsets,
-        *_strides(grad_low), *_strides(grad_high), *_strides(grad_offsets), *_strides(grad),
-        *_strides(low), *_strides(high), *_strides(offsets),
-        c, H, W, h, w,
-        BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=acc_triton, num_warps=cfg.num_warps,
-    )
+    """Gradients of (low, high, offsets) in their dtypes, given the output gradient ``grad``."""
+    launch, (grad_low, grad_high, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config)
+    launch()
     return grad_low.to(low.dtype), grad_high.to(high.dtype), grad_offsets

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 import triton
@@ -37,6 +38,20 @@ MIN_DOT_SIZE = 16
 # align_cm reduces the context gradient per program when the context has at most this many cells;
 # larger contexts scatter with atomics like align_fa.
 MAX_REDUCED_CELLS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    """One planned launch: what the launchers run and what kernels/report.py compiles ahead of time."""
+
+    kernel: Any  # a @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]  # runtime arguments, in the kernel's order
+    constexprs: dict[str, Any]
+    num_warps: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
 
 
 def interpreting() -> bool:
