@@ -1,0 +1,314 @@
+"""Pictures of predictions and of the learned offset fields.
+
+* Label maps as palette PNGs (:func:`colorize`: the pixel values stay the class ids, the palette gives the
+  colours; 255 = ignore is black) and blended over the photo (:func:`overlay`).
+* Offset fields in the optical-flow colour coding of the Middlebury benchmark (Baker et al., IJCV 2011):
+  hue gives the direction, saturation the length; white = no shift (:func:`flow_to_color`).
+* :func:`predict_folder` and :func:`render_offsets`, the work behind ``alignseg predict`` and
+  ``alignseg offsets``.
+
+Palettes: Cityscapes uses the official colours of its 19 classes. The generic palette is the PASCAL VOC
+bit-interleaving scheme shifted by one, so class 0 is not black; ADE20K uses it for its 150 classes
+(this is not the colour table of the ADE20K toolkit).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from .evaluation.evaluate import model_device
+from .evaluation.inference import build_inference_mode, infer
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+IGNORE_COLOUR = (0, 0, 0)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+CITYSCAPES_PALETTE = np.array(
+    [
+        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+        (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+        (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+    ],
+    dtype=np.uint8,
+)  # fmt: skip
+
+
+def generic_palette(num_classes: int = 256) -> np.ndarray:
+    """``uint8 [num_classes, 3]``: class ``i`` gets the VOC bit-interleaved colour of ``i + 1``."""
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for i in range(num_classes):
+        code, colour = i + 1, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                colour[channel] |= ((code >> channel) & 1) << bit
+            code >>= 3
+        palette[i] = colour
+    return palette
+
+
+ADE20K_PALETTE = generic_palette(150)
+PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "ade20k": ADE20K_PALETTE, "generic": generic_palette(255)}
+
+
+def get_palette(palette: str | np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """A palette by name (``cityscapes``, ``ade20k``, ``generic``) or an ``[K, 3]`` array of RGB values."""
+    if isinstance(palette, str):
+        if palette not in PALETTES:
+            raise ValueError(f"palette must be one of {sorted(PALETTES)} or a [K, 3] array, got {palette!r}")
+        return PALETTES[palette]
+    array = np.asarray(palette)
+    if array.ndim != 2 or array.shape[1] != 3 or array.shape[0] < 1 or array.min() < 0 or array.max() > 255:
+        raise ValueError(f"palette must be a [K, 3] array of RGB values in 0..255, got shape {array.shape}")
+    return array.astype(np.uint8)
+
+
+def _label_array(label: Tensor | np.ndarray, palette: np.ndarray) -> np.ndarray:
+    array = label.detach().cpu().numpy() if isinstance(label, Tensor) else np.asarray(label)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"label must be an integer [H, W] map of class ids, got {array.dtype} shape {array.shape}")
+    bad = ((array < 0) | (array >= len(palette))) & (array != IGNORE_INDEX)
+    if bad.any():
+        raise ValueError(f"label holds ids outside the palette's {len(palette)} colours: {np.unique(array[bad])[:10].tolist()}")
+    return array
+
+
+def colorize(label: Tensor | np.ndarray, palette: str | np.ndarray = "cityscapes") -> Image.Image:
+    """A palette image (mode ``P``) of an ``[H, W]`` class-id map; saved as PNG it keeps the ids."""
+    colours = get_palette(palette)
+    array = _label_array(label, colours)
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: min(len(colours), 256)] = colours[:256]
+    table[IGNORE_INDEX] = IGNORE_COLOUR
+    image = Image.fromarray(array.astype(np.uint8))  # 2-D uint8: mode "L", made "P" below
+    image = image.convert("P") if image.mode != "P" else image
+    image.putpalette(table.flatten().tolist())
+    return image
+
+
+def _rgb_array(image: Image.Image | np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"image must be a PIL image or a uint8 [H, W, 3] array, got {array.dtype} shape {array.shape}")
+    return array
+
+
+def overlay(
+    image: Image.Image | np.ndarray, label: Tensor | np.ndarray, alpha: float = 0.5, palette: str | np.ndarray = "cityscapes"
+) -> Image.Image:
+    """The label colours blended over the photo: ``(1 - alpha) * image + alpha * colour``; ignored pixels keep the photo."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    colours = get_palette(palette)
+    photo = _rgb_array(image).astype(np.float32)
+    array = _label_array(label, colours)
+    if array.shape != photo.shape[:2]:
+        raise ValueError(f"label size {array.shape} does not match image size {photo.shape[:2]}")
+    labelled = array != IGNORE_INDEX
+    coloured = colours[np.where(labelled, array, 0)].astype(np.float32)
+    blend = np.where(labelled[..., None], (1 - alpha) * photo + alpha * coloured, photo)
+    return Image.fromarray(np.round(blend).astype(np.uint8))
+
+
+def _colour_wheel() -> np.ndarray:
+    """The 55 hues of the Middlebury flow colour wheel, float [55, 3] in [0, 1]."""
+    # Red->yellow->green->cyan->blue->magenta->red in 15, 6, 4, 11, 13, 6 steps: one channel full,
+    # another ramping up or down.
+    segments = [(15, 0, 1, True), (6, 1, 0, False), (4, 1, 2, True), (11, 2, 1, False), (13, 2, 0, True), (6, 0, 2, False)]
+    wheel = []
+    for steps, full_channel, ramp_channel, rising in segments:
+        for i in range(steps):
+            colour = np.zeros(3)
+            colour[full_channel] = 255
+            ramp = np.floor(255 * i / steps)
+            colour[ramp_channel] = ramp if rising else 255 - ramp
+            wheel.append(colour)
+    return np.array(wheel) / 255
+
+
+_WHEEL = _colour_wheel()
+
+
+def flow_to_color(offsets: Tensor | np.ndarray, max_magnitude: float | None = None) -> Image.Image:
+    """Colour-code an offset field ``[2, H, W]`` (dx, dy) with the Middlebury flow wheel.
+
+    Direction sets the hue (right = red, down = yellow-orange, left = cyan-blue, up = blue-magenta) and
+    length over ``max_magnitude`` the saturation (default: the field's longest offset); 0 is white,
+    offsets longer than ``max_magnitude`` are drawn darker.
+    """
+    field = offsets.detach().float().cpu().numpy() if isinstance(offsets, Tensor) else np.asarray(offsets, dtype=np.float64)
+    if field.ndim != 3 or field.shape[0] != 2:
+        raise ValueError(f"offsets must be [2, H, W] (dx, dy), got shape {field.shape}")
+    dx, dy = np.nan_to_num(field[0]), np.nan_to_num(field[1])
+    radius = np.hypot(dx, dy)
+    if max_magnitude is None:
+        max_magnitude = float(radius.max())
+    if max_magnitude < 0:
+        raise ValueError(f"max_magnitude must be >= 0, got {max_magnitude}")
+    scale = max_magnitude if max_magnitude > 0 else 1.0
+    radius = radius / scale
+    n = len(_WHEEL)
+    position = (np.arctan2(-dy, -dx) / np.pi + 1) / 2 * (n - 1)  # 0..n-1 around the wheel
+    k0 = np.floor(position).astype(int) % n
+    k1 = (k0 + 1) % n
+    frac = (position - np.floor(position))[..., None]
+    hue = (1 - frac) * _WHEEL[k0] + frac * _WHEEL[k1]
+    inside = (radius <= 1)[..., None]
+    colour = np.where(inside, 1 - radius[..., None] * (1 - hue), hue * 0.75)
+    return Image.fromarray(np.round(255 * colour).astype(np.uint8))
+
+
+def flow_legend(size: int = 65) -> Image.Image:
+    """The colour wheel itself: the colour of each offset direction and length, centre = no shift."""
+    centre = (size - 1) / 2
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    field = np.stack([xs - centre, ys - centre])
+    picture = np.asarray(flow_to_color(field, max_magnitude=centre)).copy()
+    picture[np.hypot(*field) > centre] = 255
+    return Image.fromarray(picture)
+
+
+def _load_normalised(image: str | Path | Image.Image | Tensor, mean, std) -> tuple[Tensor, Image.Image | None]:
+    """(normalised Tensor[1, 3, H, W], the PIL photo if one was given or read)."""
+    if isinstance(image, Tensor):
+        batch = image.unsqueeze(0) if image.dim() == 3 else image
+        if batch.dim() != 4 or batch.shape[:2] != (1, 3):
+            raise ValueError(f"image tensor must be a normalised Tensor[3, H, W] or Tensor[1, 3, H, W], got {tuple(image.shape)}")
+        return batch.float(), None
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as raw:
+            image = raw.convert("RGB")
+    photo = image.convert("RGB")
+    pixels = torch.from_numpy(np.array(photo, dtype=np.uint8)).permute(2, 0, 1)
+    return Normalize(mean, std)(pixels).unsqueeze(0), photo
+
+
+def list_images(image_dir: str | Path) -> list[Path]:
+    """Image files under ``image_dir`` (subfolders included), sorted."""
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image_dir {folder} is not a directory")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def predict_folder(
+    model: nn.Module,
+    image_dir: str | Path,
+    out_dir: str | Path,
+    palette: str | np.ndarray = "cityscapes",
+    mode: str = "whole",
+    tile: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    scales: Sequence[float] | None = None,
+    flip: bool = False,
+    alpha: float = 0.5,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[tuple[Path, Path]]:
+    """Segment every image under ``image_dir``; write ``{name}.png`` (palette PNG of class ids) and
+    ``{name}_overlay.jpg`` under ``out_dir``, keeping subfolders. Returns the written ``(label, overlay)`` paths.
+
+    The inference setting is as in :func:`alignseg.evaluation.evaluate`.
+    """
+    setting = build_inference_mode(mode, tile=tile, stride=stride, scales=scales, flip=flip)
+    colours = get_palette(palette)
+    images = list_images(image_dir)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {image_dir}")
+    device = torch.device(device) if device is not None else model_device(model)
+    out_dir = Path(out_dir)
+    log.info("predicting %d images from %s into %s, mode: %s", len(images), image_dir, out_dir, setting)
+    written = []
+    was_training = model.training
+    model.eval()
+    try:
+        for path in tqdm(images, desc=f"predict [{setting}]", unit="img", disable=not progress):
+            batch, photo = _load_normalised(path, mean, std)
+            prediction = infer(model, batch.to(device), setting).argmax(1)[0].cpu()
+            if int(prediction.max()) >= len(colours):
+                raise ValueError(f"the model predicts class {int(prediction.max())} but the palette has {len(colours)} colours")
+            target = out_dir / path.relative_to(image_dir).parent
+            target.mkdir(parents=True, exist_ok=True)
+            label_path, overlay_path = target / f"{path.stem}.png", target / f"{path.stem}_overlay.jpg"
+            colorize(prediction, colours).save(label_path)
+            overlay(photo, prediction, alpha, colours).save(overlay_path, quality=90)
+            written.append((label_path, overlay_path))
+    finally:
+        model.train(was_training)
+    return written
+
+
+def _file_name(module_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", module_name) or "offsets"
+
+
+def render_offsets(
+    model: nn.Module,
+    image: str | Path | Image.Image | Tensor,
+    out_dir: str | Path,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str | None = None,
+    max_magnitude: float | None = None,
+) -> dict[str, Path]:
+    """Write one flow-colour picture per alignment module of ``model`` for one image; returns name -> path.
+
+    ``model.forward_offsets(images)`` must return ``{module name: Tensor[1, 4 or 2, h, w]}``. An AlignFA
+    field (4 channels) is drawn as two panels side by side, the shift of the coarse map (channels 0-1)
+    then of the fine map (2-3), on one colour scale; an AlignCM field (2 channels) as one panel. Panels
+    are enlarged to the image size (nearest neighbour). The colour scale is the module's longest offset
+    unless ``max_magnitude`` is given. ``offsets_legend.png`` (the colour wheel) and ``input.png`` (when
+    the image is a file or PIL image) are written too.
+    """
+    if not callable(getattr(model, "forward_offsets", None)):
+        raise TypeError(f"{type(model).__name__} has no forward_offsets(images) method returning the offset fields")
+    device = torch.device(device) if device is not None else model_device(model)
+    batch, photo = _load_normalised(image, mean, std)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            fields = model.forward_offsets(batch.to(device))
+    finally:
+        model.train(was_training)
+    if not isinstance(fields, Mapping) or not fields:
+        raise ValueError(f"forward_offsets must return a non-empty dict of offset tensors, got {type(fields).__name__}")
+    height, width = batch.shape[-2:]
+    written = {}
+    for name, offsets in fields.items():
+        if not isinstance(offsets, Tensor) or offsets.dim() != 4 or offsets.shape[1] not in (2, 4):
+            got = tuple(offsets.shape) if isinstance(offsets, Tensor) else type(offsets).__name__
+            raise ValueError(f"offsets of {name!r} must be Tensor[N, 4 or 2, h, w], got {got}")
+        field = offsets[0].float().cpu()
+        panels = [field[0:2], field[2:4]] if field.shape[0] == 4 else [field]
+        scale = max_magnitude if max_magnitude is not None else max(float(torch.linalg.vector_norm(p, dim=0).max()) for p in panels)
+        pictures = [flow_to_color(p, scale).resize((width, height), Image.NEAREST) for p in panels]
+        gap = 8
+        canvas = Image.new("RGB", (len(pictures) * width + (len(pictures) - 1) * gap, height), (255, 255, 255))
+        for i, picture in enumerate(pictures):
+            canvas.paste(picture, (i * (width + gap), 0))
+        path = out_dir / f"{_file_name(name)}.png"
+        canvas.save(path)
+        written[name] = path
+        log.info("%s: offsets drawn to %s (colour scale: %.2f px at full saturation)", name, path, scale)
+    flow_legend().save(out_dir / "offsets_legend.png")
+    if photo is not None:
+        photo.save(out_dir / "input.png")
+    return written
