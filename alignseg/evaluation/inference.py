@@ -66,18 +66,20 @@ def build_inference_mode(
 ) -> InferenceMode:
     """Check and complete an inference setting.
 
-    ``slide`` needs ``tile``; ``stride`` defaults to two thirds of the tile (and must not exceed it, or
-    pixels between windows would get no prediction). ``multiscale`` takes ``scales`` (default
-    :data:`DEFAULT_SCALES`) and an optional ``tile``/``stride`` for sliding at each scale.
+    ``whole`` ignores ``tile``, ``stride`` and ``scales``. ``slide`` needs ``tile`` and ignores ``scales``;
+    ``stride`` defaults to two thirds of the tile (and must not exceed it, or pixels between windows
+    would get no prediction). ``multiscale`` takes ``scales`` (default :data:`DEFAULT_SCALES`) and an
+    optional ``tile``/``stride`` for sliding at each scale. ``flip`` applies to every mode.
     """
     if isinstance(mode, InferenceMode):
         return mode
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "whole" and (tile is not None or stride is not None):
-        raise ValueError("tile and stride apply to the slide and multiscale modes, not to mode='whole'")
-    if mode != "multiscale" and scales is not None:
-        raise ValueError(f"scales apply to mode='multiscale', not to mode={mode!r}")
+    # Settings a mode does not use are dropped (configs carry all of them), so the description is exact.
+    if mode == "whole":
+        tile = stride = None
+    if mode != "multiscale":
+        scales = None
     if mode == "slide" and tile is None:
         raise ValueError("mode='slide' needs tile=(height, width) (e.g. the training crop size)")
     if tile is None and stride is not None:

@@ -8,7 +8,7 @@ averaged is always shown next to the mIoU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,9 +16,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-@dataclass
-class SegmentationMetrics:
-    """The numbers :meth:`ConfusionMatrix.compute` returns (fractions in [0, 1]; NaN IoU = class absent)."""
+@dataclass(eq=False)
+class SegmentationMetrics(Mapping):
+    """The numbers :meth:`ConfusionMatrix.compute` returns (fractions in [0, 1]; NaN IoU = class absent).
+
+    Read as attributes (``m.miou``) or as a read-only mapping of plain, JSON-safe values
+    (``m["miou"]``, ``dict(m)``; see :meth:`as_dict`).
+    """
 
     miou: float
     iou: list[float]
@@ -55,7 +59,7 @@ class SegmentationMetrics:
         lines.append(self.summary())
         absent = len(self.iou) - self.num_present
         if absent:
-            lines.append(f"({absent} classes absent from both ground truth and prediction are excluded from the mean)")
+            lines.append(f"(absent from both ground truth and prediction, so excluded from the mean: {absent} classes)")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -71,6 +75,15 @@ class SegmentationMetrics:
             "num_pixels": self.num_pixels,
             "iou": {n: (v if p else None) for n, v, p in zip(names, self.iou, self.present)},
         }
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
 
     def __str__(self) -> str:
         return self.summary()
