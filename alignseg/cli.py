@@ -1,0 +1,283 @@
+"""The ``alignseg`` command: train, eval, predict, offsets, info.
+
+    alignseg train                                   # the built-in demo: tiny model, synthetic data
+    alignseg train --config cityscapes data.root=/data/cityscapes model.pretrained=r101.pth
+    torchrun --nproc_per_node=8 -m alignseg train --config cityscapes data.root=...
+    alignseg train --resume runs/synthetic-.../checkpoint_0000400.pt train.iterations=800
+    alignseg eval --checkpoint runs/.../best.pt --mode slide
+    alignseg predict --checkpoint runs/.../best.pt --input photos/ --output predictions/
+    alignseg offsets --checkpoint runs/.../best.pt --input photo.png --output offsets/
+    alignseg info alignseg_r101 --size 1024 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, apply_overrides, config_from_dict, list_presets, load_config
+from .training.checkpoint import CheckpointError
+from .training.logs import log, setup_logging
+
+EXAMPLES = __doc__.split("\n\n", 1)[1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alignseg`` console script and ``python -m alignseg``; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(is_main=_is_rank_zero(), verbose=args.verbose)
+    if args.backend is not None:
+        from .ops import set_backend
+
+        set_backend(args.backend)
+    try:
+        return args.handler(args) or 0
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        log.error("error: %s", err)
+        if args.verbose:
+            raise
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except RuntimeError as err:
+        from .training.trainer import NonFiniteLossError
+
+        if isinstance(err, NonFiniteLossError):
+            log.error("error: %s", err)
+            return 3
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import distributed as dist_utils
+    from .training.trainer import Trainer, config_for_resume
+
+    if args.resume is not None and args.config is not None:
+        raise ConfigError(
+            "give either --config or --resume: a resumed run takes its config from the checkpoint "
+            "(add key=value overrides to change it, e.g. train.iterations=2000)"
+        )
+    if args.resume is not None:
+        cfg = config_for_resume(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    ctx = dist_utils.init_distributed(cfg.train.device)
+    try:
+        results = Trainer(cfg, resume=args.resume, ctx=ctx).fit()
+        if ctx.is_main and results is not None:
+            print(f"final val mIoU {100 * results['miou']:.2f}% ({cfg.eval.mode}) after {cfg.train.iterations} iterations")
+    finally:
+        dist_utils.cleanup_distributed()
+    return 0
+
+
+def _load_for_inference(args: argparse.Namespace):
+    """(config, model in eval mode on its device, distributed context) from ``--checkpoint`` + overrides."""
+    from .training import distributed as dist_utils
+    from .training.checkpoint import load_checkpoint, load_model_state
+    from .training.trainer import build_model
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = apply_overrides(config_from_dict(state["config"], origin=f"checkpoint {state['path']}"), args.overrides)
+    if getattr(args, "mode", None):
+        cfg = apply_overrides(cfg, [f"eval.mode={args.mode}"])
+    ctx = dist_utils.init_distributed(cfg.train.device)
+    model = build_model(_without_pretrained(cfg))
+    load_model_state(model, state)
+    model.to(ctx.device).eval()
+    log.info("loaded %s (%s, iteration %d)", state["path"], cfg.model.name, state["iteration"])
+    return cfg, model, ctx
+
+
+def _without_pretrained(cfg):
+    """The config without backbone weights to load: the checkpoint already holds every weight."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluation
+    from .training import distributed as dist_utils
+    from .training.trainer import build_datasets, evaluate_sharded
+
+    cfg, model, ctx = _load_for_inference(args)
+    try:
+        dataset = build_datasets(cfg, ctx, splits=("val",))["val"]
+        log.info("evaluating %d %s images, mode %s", len(dataset), cfg.data.val_split, cfg.eval.mode)
+        results = evaluate_sharded(model, dataset, cfg, ctx)
+        if ctx.is_main:
+            print(evaluation.format_results(results, getattr(dataset, "class_names", None)))
+    finally:
+        dist_utils.cleanup_distributed()
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from . import visualize
+
+    cfg, model, _ = _load_for_inference(args)
+    written = visualize.predict_folder(
+        model,
+        args.input,
+        args.output,
+        palette=_palette_name(cfg),
+        mode=cfg.eval.mode,
+        tile=tuple(cfg.eval.tile),
+        stride=tuple(cfg.eval.stride),
+        scales=tuple(cfg.eval.scales),
+        flip=cfg.eval.flip,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        alpha=args.alpha,
+    )
+    log.info("wrote predictions for %d images to %s", len(written), args.output)
+    return 0
+
+
+def _cmd_offsets(args: argparse.Namespace) -> int:
+    from . import visualize
+
+    cfg, model, _ = _load_for_inference(args)
+    written = visualize.render_offsets(model, args.input, args.output, mean=cfg.data.mean, std=cfg.data.std)
+    log.info("wrote %d offset-field images to %s", len(written), args.output)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import models
+    from .ops import get_backend
+    from .ops.backend import interpreter_enabled, triton_available
+
+    print(f"alignseg {__import__('alignseg').__version__}, Python {platform.python_version()}, torch {torch.__version__}")
+    if triton_available():
+        import triton
+
+        print(f"triton {triton.__version__}{' (interpreter: TRITON_INTERPRET=1)' if interpreter_enabled() else ''}")
+    else:
+        print("triton not installed: the alignment ops run on the eager reference")
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    print(f"devices: {', '.join(devices) if devices else 'CPU only'}; alignment ops backend: {get_backend()}")
+    print(f"config presets: {', '.join(list_presets())}; models: {', '.join(models.list_models())}")
+    print()
+    num_classes, size = 19, (512, 1024)
+    names = None
+    if args.name is not None:
+        if args.name in models.list_models():
+            names = [args.name]
+        else:
+            cfg = load_config(args.name)
+            names, num_classes = [cfg.model.name], cfg.data.num_classes
+            size = tuple(cfg.data.crop_size)
+    if args.size is not None:
+        size = tuple(args.size)
+    if args.num_classes is not None:
+        num_classes = args.num_classes
+    print(models.format_model_summary(names, num_classes=num_classes, input_size=size))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _palette_name(cfg) -> str:
+    return {"cityscapes": "cityscapes", "synthetic": "cityscapes", "ade20k": "ade20k"}.get(cfg.data.dataset, "generic")
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignseg",
+        description="AlignSeg (feature-aligned segmentation): train, evaluate, predict, inspect.",
+        epilog="examples:\n" + EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log lines and full tracebacks")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "triton", "reference"),
+        help="alignment-op implementation (default: $ALIGNSEG_BACKEND or auto = Triton on CUDA, eager on CPU)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    overrides_help = "config overrides key.sub=value, e.g. train.iterations=2000 data.crop_size=[512,512]"
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (default: the tiny demo on synthetic data)",
+        description="Train AlignSeg. Without --config: the built-in demo (tiny model, synthetic data, a few "
+        "minutes on a CPU). Under torchrun, trains with DistributedDataParallel.",
+        epilog=f"presets: {', '.join(list_presets())}",
+    )
+    train.add_argument("--config", help="a preset name or a YAML file (default: synthetic)")
+    train.add_argument("--resume", help="continue from this checkpoint (or the latest one in this run folder)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a checkpoint on its validation set",
+        description="Evaluate a checkpoint with its stored config (overrides change it, e.g. data.root=...).",
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    evaluate.add_argument("--mode", choices=("whole", "slide", "multiscale"), help="inference mode (default: the config's eval.mode)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    predict = commands.add_parser(
+        "predict",
+        help="write colour label maps and overlays for a folder of images",
+        description="Predict every image in --input; writes <name>_label.png (colour palette) and an overlay per image.",
+    )
+    predict.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    predict.add_argument("--input", required=True, type=Path, help="folder of images")
+    predict.add_argument("--output", required=True, type=Path, help="folder to write into (created)")
+    predict.add_argument("--mode", choices=("whole", "slide", "multiscale"), help="inference mode (default: the config's eval.mode)")
+    predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the labels (default 0.5)")
+    predict.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    predict.set_defaults(handler=_cmd_predict)
+
+    offsets = commands.add_parser(
+        "offsets",
+        help="render the learned offset fields of an image as flow-colour pictures",
+        description="Run the model on one image and write one flow-colour image per AlignFA/AlignCM module.",
+    )
+    offsets.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    offsets.add_argument("--input", required=True, type=Path, help="an image file")
+    offsets.add_argument("--output", required=True, type=Path, help="folder to write into (created)")
+    offsets.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    offsets.set_defaults(handler=_cmd_offsets)
+
+    info = commands.add_parser(
+        "info",
+        help="versions, devices, and parameters/MACs of the model presets",
+        description="Print versions and devices, then parameters and MACs of a model preset or of a config "
+        "preset's model at its crop size (all model presets when no name is given).",
+    )
+    info.add_argument("name", nargs="?", help="a model name (e.g. alignseg_r101) or a config preset (e.g. cityscapes)")
+    info.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default 512 1024, or the preset's crop)")
+    info.add_argument("--num-classes", type=int, help="number of classes (default 19, or the preset's)")
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
