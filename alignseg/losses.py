@@ -23,6 +23,11 @@ from torch import Tensor, nn
 IGNORE_INDEX = 255
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """Losses are computed in float32 (float64 stays float64), whatever the autocast dtype of the logits."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _valid_count(target: Tensor, ignore_index: int) -> Tensor:
     return (target != ignore_index).sum().clamp(min=1)
 
@@ -50,7 +55,7 @@ def ohem_cross_entropy(
     num_valid = int(valid.sum())
     if num_valid > max(min_kept, 0):
         with torch.no_grad():
-            prob = logits.detach().float().softmax(1)
+            prob = _at_least_fp32(logits.detach()).softmax(1)
             true_prob = prob.gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)[valid]
             threshold = torch.tensor(thresh, dtype=true_prob.dtype, device=true_prob.device)
             if min_kept > 0:
@@ -78,7 +83,7 @@ def _lovasz_gradient(sorted_foreground: Tensor) -> Tensor:
 def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Lovasz-softmax loss over the classes present in ``target``; arguments as :func:`cross_entropy`."""
     num_classes = logits.shape[1]
-    prob = logits.float().softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
+    prob = _at_least_fp32(logits).softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
     labels = target.reshape(-1)
     valid = labels != ignore_index
     prob, labels = prob[valid], labels[valid]
@@ -86,7 +91,7 @@ def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IN
         return logits.sum() * 0.0
     losses = []
     for c in labels.unique().tolist():
-        foreground = (labels == c).float()
+        foreground = (labels == c).to(prob.dtype)
         errors = (foreground - prob[:, c]).abs()
         errors_sorted, order = errors.sort(descending=True)
         losses.append(errors_sorted @ _lovasz_gradient(foreground[order]))
@@ -112,7 +117,7 @@ class SegmentationLoss(nn.Module):
             raise ValueError(f"{which} logits must be Tensor[N, {self.num_classes}, h, w], got {got}")
         if logits.shape[0] != target.shape[0]:
             raise ValueError(f"{which} logits have batch size {logits.shape[0]} but target has {target.shape[0]}")
-        logits = logits.float()
+        logits = _at_least_fp32(logits)
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=True)
         return logits
