@@ -96,7 +96,7 @@ def test_lovasz_softmax_of_hard_predictions_is_one_minus_iou():
     for c in target[valid].unique().tolist():
         inter = ((pred == c) & (target == c) & valid).sum()
         union = (((pred == c) | (target == c)) & valid).sum()
-        ious.append(inter / union)
+        ious.append(inter.double() / union)
     assert lovasz_softmax(logits, target).item() == pytest.approx(1 - torch.stack(ious).mean().item(), abs=1e-9)
 
 
