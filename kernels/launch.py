@@ -23,12 +23,14 @@ class LaunchConfig:
     num_warps: int
 
 
-# align_fa forward reads 8 taps of a BLOCK_P x BLOCK_C tile, backward loops over channel blocks.
+# Chosen so no kernel spills at sm_80/sm_90 (python -m alignseg.kernels.report prints the registers):
+# about 4-16 tile elements per thread. The backward holds the gradient tile plus a tap tile and
+# two address tiles per source, so it takes smaller tiles than the forward.
 GPU_CONFIGS: dict[str, LaunchConfig] = {
-    "align_fa_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=4),
-    "align_fa_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=4),
-    "align_cm_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=4),
-    "align_cm_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=4),
+    "align_fa_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
+    "align_fa_backward": LaunchConfig(block_p=16, max_block_c=64, num_warps=8),
+    "align_cm_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
+    "align_cm_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=8),
 }
 
 INTERPRETER_CONFIG = LaunchConfig(block_p=1024, max_block_c=128, num_warps=1)

@@ -3,7 +3,7 @@
 from .align_cm import align_cm, align_cm_reference
 from .align_fa import align_fa, align_fa_reference
 from .backend import get_backend, set_backend, use_backend
-from .sampling import sample_reference
+from .sampling import sample_grid_sample, sample_reference
 
 __all__ = [
     "align_cm",
@@ -11,6 +11,7 @@ __all__ = [
     "align_fa",
     "align_fa_reference",
     "get_backend",
+    "sample_grid_sample",
     "sample_reference",
     "set_backend",
     "use_backend",

@@ -25,6 +25,7 @@ documented way, and it computes in fp32 (fp64 for fp64 inputs) like the kernels'
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -62,6 +63,31 @@ def sample_reference(src: Tensor, offsets: Tensor) -> Tensor:
             tap = flat.gather(2, index).reshape(n, c, out_h, out_w)
             term = tap * (wx * wy * inside).unsqueeze(1)
             out = term if out is None else out + term
+    return out.to(src.dtype)
+
+
+def sample_grid_sample(src: Tensor, offsets: Tensor) -> Tensor:
+    """``S(src, offsets)`` through ``F.grid_sample``: the usual eager formulation (a benchmark baseline).
+
+    Agrees with :func:`sample_reference` for finite offsets; a NaN offset follows ``grid_sample``'s
+    own rule instead of the documented one. Returns a tensor of ``src``'s dtype.
+    """
+    h, w = src.shape[-2:]
+    out_h, out_w = offsets.shape[-2:]
+    compute = torch.promote_types(src.dtype, torch.float32)
+    d = offsets.to(compute)
+    cols = torch.arange(out_w, device=src.device, dtype=compute)
+    rows = torch.arange(out_h, device=src.device, dtype=compute).unsqueeze(-1)
+
+    def normalised(position: Tensor, size: int) -> Tensor:
+        # align_corners=True maps -1 and 1 to the centres of the first and last source pixel; a
+        # source of size 1 is sampled at its only pixel whatever the position.
+        return position * (2.0 / (size - 1)) - 1.0 if size > 1 else torch.zeros_like(position)
+
+    grid_x = normalised((cols + d[:, 0]) * _align_corners_scale(w, out_w), w)
+    grid_y = normalised((rows + d[:, 1]) * _align_corners_scale(h, out_h), h)
+    grid = torch.stack((grid_x, grid_y), dim=-1)
+    out = F.grid_sample(src.to(compute), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.to(src.dtype)
 
 

@@ -1,0 +1,151 @@
+"""Compile every kernel ahead of time for NVIDIA GPUs (no GPU needed) and report registers and spills.
+
+    TRITON_INTERPRET=0 python -m alignseg.kernels.report [--arch 80 90] [--dtype float32 bfloat16] [--json]
+
+Each kernel is compiled as the launchers launch it on a GPU: the launch plans of kernels/align_fa.py
+and kernels/align_cm.py (block sizes from ``GPU_CONFIGS``) over realistic arguments (N=2, C=256,
+a 128x256 output from a 64x128 coarse map, a 3x3 context; meta tensors, so nothing is allocated),
+with the signature and specialisation Triton's JIT would derive from them (16-byte-aligned pointers,
+strides of 1 as constants). ``ptxas -v`` (shipped with triton) then gives registers and spill bytes.
+The kernels must be imported without ``TRITON_INTERPRET=1`` (interpreted functions do not compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+EXAMPLE_SHAPE = dict(n=2, c=256, out_h=128, out_w=256, coarse_h=64, coarse_w=128, context=3)
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+@dataclasses.dataclass
+class KernelReport:
+    kernel: str
+    arch: int
+    dtype: str
+    layout: str
+    block_p: int
+    block_c: int
+    num_warps: int
+    registers: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    shared_bytes: int  # Triton's shared memory (the context reduction's tl.dot)
+
+
+def example_plans(dtype: torch.dtype, layout: torch.memory_format):
+    """(name, KernelLaunch) for every kernel, planned over meta tensors of EXAMPLE_SHAPE."""
+    from .align_cm import plan_align_cm_backward, plan_align_cm_forward
+    from .align_fa import plan_align_fa_backward, plan_align_fa_forward
+
+    s = EXAMPLE_SHAPE
+
+    def feature(h: int, w: int, channels: int = s["c"], dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(s["n"], channels, h, w, dtype=dt, device="meta", memory_format=layout)
+
+    low, high = feature(s["out_h"], s["out_w"]), feature(s["coarse_h"], s["coarse_w"])
+    context = feature(s["context"], s["context"])
+    grad = feature(s["out_h"], s["out_w"])
+    fa_offsets = feature(s["out_h"], s["out_w"], 4, torch.float32)
+    cm_offsets = feature(s["out_h"], s["out_w"], 2, torch.float32)
+    return [
+        ("align_fa_forward", plan_align_fa_forward(low, high, fa_offsets)[0]),
+        ("align_fa_backward", plan_align_fa_backward(grad, low, high, fa_offsets)[0]),
+        ("align_cm_forward", plan_align_cm_forward(context, cm_offsets, low)[0]),
+        ("align_cm_backward", plan_align_cm_backward(grad, context, cm_offsets)[0]),
+    ]
+
+
+def compile_launch(launch, arch: int):
+    """triton.compile the planned launch for sm_<arch>, specialised like the JIT would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, native_specialize_impl
+
+    kernel = launch.kernel
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError("the kernels were imported with TRITON_INTERPRET=1; run with TRITON_INTERPRET=0")
+    names = kernel.arg_names
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, value) in enumerate(zip(names, launch.args)):
+        kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = attr
+        elif attr:
+            attrs[(index,)] = CUDABackend.parse_attr(attr)
+    for name, value in launch.constexprs.items():
+        signature[name] = "constexpr"
+        constexprs[name] = value
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v``."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = os.path.join(tmp, "kernel.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+               ptx_path, "-o", os.path.join(tmp, "kernel.cubin")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"could not read the register report of ptxas:\n{log}")
+    return int(registers[1]), int(spills[1]), int(spills[2])
+
+
+def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_last",)) -> list[KernelReport]:
+    rows = []
+    for dtype in dtypes:
+        for layout in layouts:
+            for name, launch in example_plans(getattr(torch, dtype), LAYOUTS[layout]):
+                for arch in archs:
+                    compiled = compile_launch(launch, arch)
+                    registers, spill_stores, spill_loads = ptxas_usage(compiled.asm["ptx"], arch)
+                    rows.append(KernelReport(
+                        name, arch, dtype, layout, launch.constexprs["BLOCK_P"], launch.constexprs["BLOCK_C"],
+                        launch.num_warps, registers, spill_stores, spill_loads, compiled.metadata.shared,
+                    ))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--layout", nargs="+", default=["channels_last"], choices=sorted(LAYOUTS))
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("TRITON_INTERPRET=1 is set: the report compiles real kernels, run it with TRITON_INTERPRET=0", file=sys.stderr)
+        return 2
+    rows = report(args.arch, args.dtype, args.layout)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows]))
+    else:
+        header = f"{'kernel':<18} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} {'warps':>5} {'regs':>5} {'spill st/ld (B)':>15} {'smem (B)':>8}"
+        print(header)
+        for r in rows:
+            print(f"{r.kernel:<18} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} {r.num_warps:>5} "
+                  f"{r.registers:>5} {f'{r.spill_store_bytes}/{r.spill_load_bytes}':>15} {r.shared_bytes:>8}")
+    spilled = [r for r in rows if r.spill_store_bytes or r.spill_load_bytes]
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
