@@ -9,7 +9,7 @@ The model in eval mode maps normalised images ``Tensor[N, 3, H, W]`` to logits `
   colour after normalisation) and the padding cropped off again.
 * ``multiscale``: the image resized by each factor in ``scales`` (bilinear, ``align_corners=True``),
   each run whole or, when ``tile`` is given, by sliding window, as the authors' evaluation does;
-  the class probabilities are resized back and averaged.
+  the logits are resized back to the image size, turned into probabilities and averaged.
 * ``flip``: every pass is also run on the mirrored image, mirrored back and averaged.
 
 :func:`infer` returns class probabilities (softmax; averaged over passes), float32.
