@@ -165,7 +165,7 @@ def plan_align_cm_forward(
     k1, k2 = context.shape[-2:]
     if out is None:
         out = torch.empty_like(local)
-    cfg = launch_config("align_cm_forward", config)
+    cfg = launch_config("align_cm_forward", local, config)
     block_c = channel_block(c, cfg)
     launch = KernelLaunch(
         align_cm_forward_kernel,
@@ -213,7 +213,7 @@ def plan_align_cm_backward(
     grad_context = torch.zeros_like(context, dtype=acc_torch)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
-    cfg = launch_config("align_cm_backward", config)
+    cfg = launch_config("align_cm_backward", grad, config)
     cells = reduced_cells(k1, k2)
     # tl.dot needs BLOCK_P and BLOCK_C of at least 16 too.
     block_c = channel_block(c, cfg, minimum=MIN_DOT_SIZE if cells else 1)

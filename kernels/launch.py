@@ -1,6 +1,6 @@
 """Block sizes and warp counts of every kernel launch, in one place for tuning.
 
-``GPU_CONFIGS`` holds what real launches use; edit it (or pass ``config=`` to a launcher) to tune.
+``GPU_CONFIGS`` (channels_last maps) and ``GPU_CONFIGS_CONTIGUOUS`` hold what real launches use; edit them (or pass ``config=`` to a launcher) to tune.
 Under ``TRITON_INTERPRET=1`` each program instance costs milliseconds of Python, so the
 interpreter gets few, large blocks instead (same kernels, different constexprs).
 """
@@ -23,14 +23,22 @@ class LaunchConfig:
     num_warps: int
 
 
-# Chosen so no kernel spills at sm_80/sm_90 (python -m alignseg.kernels.report prints the registers):
-# about 4-16 tile elements per thread. The backward holds the gradient tile plus a tap tile and
-# two address tiles per source, so it takes smaller tiles than the forward.
+# Chosen so no kernel spills at sm_80/sm_90 (python -m alignseg.kernels.report prints the registers).
+# channels_last (the fast path): about 4-16 tile elements per thread; the backward holds the
+# gradient tile plus a tap tile and two address tiles per source, so it takes smaller tiles.
 GPU_CONFIGS: dict[str, LaunchConfig] = {
     "align_fa_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_fa_backward": LaunchConfig(block_p=16, max_block_c=64, num_warps=8),
     "align_cm_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=8),
+}
+# Contiguous (NCHW) maps: no axis of the tile is provably contiguous, the compiler keeps two layouts
+# of it alive and needs many more registers, so smaller tiles.
+GPU_CONFIGS_CONTIGUOUS: dict[str, LaunchConfig] = {
+    "align_fa_forward": LaunchConfig(block_p=32, max_block_c=32, num_warps=4),
+    "align_fa_backward": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    "align_cm_forward": LaunchConfig(block_p=64, max_block_c=32, num_warps=8),
+    "align_cm_backward": LaunchConfig(block_p=32, max_block_c=16, num_warps=4),
 }
 
 INTERPRETER_CONFIG = LaunchConfig(block_p=1024, max_block_c=128, num_warps=1)
@@ -60,10 +68,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def launch_config(kernel: str, config: LaunchConfig | None = None) -> LaunchConfig:
+def launch_config(kernel: str, features: torch.Tensor, config: LaunchConfig | None = None) -> LaunchConfig:
+    """``config`` if given, else the interpreter's, else the GPU one for the layout of ``features``."""
     if config is not None:
         return config
-    return INTERPRETER_CONFIG if interpreting() else GPU_CONFIGS[kernel]
+    if interpreting():
+        return INTERPRETER_CONFIG
+    channels_last = features.stride(1) == 1 and features.shape[1] > 1
+    return (GPU_CONFIGS if channels_last else GPU_CONFIGS_CONTIGUOUS)[kernel]
 
 
 def channel_block(channels: int, config: LaunchConfig, minimum: int = 1) -> int:
