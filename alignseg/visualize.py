@@ -298,7 +298,9 @@ def render_offsets(
             raise ValueError(f"offsets of {name!r} must be Tensor[N, 4 or 2, h, w], got {got}")
         field = offsets[0].float().cpu()
         panels = [field[0:2], field[2:4]] if field.shape[0] == 4 else [field]
-        scale = max_magnitude if max_magnitude is not None else max(float(torch.linalg.vector_norm(p, dim=0).max()) for p in panels)
+        scale = max_magnitude
+        if scale is None:  # one scale for both panels of a module, so their colours compare
+            scale = max(float(torch.linalg.vector_norm(p, dim=0).max()) for p in panels)
         pictures = [flow_to_color(p, scale).resize((width, height), Image.NEAREST) for p in panels]
         gap = 8
         canvas = Image.new("RGB", (len(pictures) * width + (len(pictures) - 1) * gap, height), (255, 255, 255))

@@ -113,9 +113,13 @@ class ConfusionMatrix:
         if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
             raise TypeError(f"pred and target must be tensors, got {type(pred).__name__} and {type(target).__name__}")
         if pred.shape != target.shape:
-            raise ValueError(f"pred and target must have one shape, got pred {tuple(pred.shape)} and target {tuple(target.shape)}")
+            raise ValueError(
+                f"pred and target must have one shape, got pred {tuple(pred.shape)} and target {tuple(target.shape)}"
+            )
         if pred.is_floating_point() or target.is_floating_point():
-            raise TypeError(f"pred and target must hold integer class ids, got {pred.dtype} and {target.dtype} (argmax the logits first)")
+            raise TypeError(
+                f"pred and target must hold integer class ids, got {pred.dtype} and {target.dtype} (argmax the logits first)"
+            )
         pred, target = pred.reshape(-1).long(), target.reshape(-1).long().to(pred.device)
         valid = target != self.ignore_index
         pred, target = pred[valid], target[valid]
