@@ -188,8 +188,8 @@ def write_results(kind: str, rows: list[dict], info: dict[str, str], directory: 
     return [csv_path, json_path]
 
 
-def format_table(rows: Iterable[dict], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A plain-text table; ``columns`` are (header, row key, format spec), missing values print as '-'."""
+def format_table(rows: Iterable[dict], columns: Sequence[tuple[str, str, str]], markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table; ``columns`` are (header, row key, format spec); missing values print as '-'."""
 
     def cell(row: dict, key: str, spec: str) -> str:
         value = row.get(key)
@@ -199,6 +199,9 @@ def format_table(rows: Iterable[dict], columns: Sequence[tuple[str, str, str]]) 
 
     body = [[cell(row, key, spec) for _, key, spec in columns] for row in rows]
     headers = [header for header, _, _ in columns]
+    if markdown:
+        rule = ["---" if not spec else "--:" for _, _, spec in columns]
+        return "\n".join("| " + " | ".join(cells) + " |" for cells in [headers, rule, *body])
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)])
