@@ -57,23 +57,29 @@ def _autocast(enabled: bool):
     return torch.autocast(device_type=common.device().type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _timed_loop(step, warmup_steps: int, steps: int) -> tuple[float, float, float | None, float]:
-    """(seconds of warm-up, seconds of the timed steps, peak MiB during them, last loss or NaN)."""
+def _timed_loop(step, warmup_steps: int, steps: int) -> dict:
+    """Warm-up steps, then timed steps; the seconds of each part, peak MiB of the timed part, and the
+    value (loss, or mean logit) the first and the last step returned."""
+    values = []
     start = time.perf_counter()
     for _ in range(warmup_steps):
-        step()
+        values.append(step())
     _sync()
     warmup_s = time.perf_counter() - start
     if HAS_GPU:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    last = None
     for _ in range(steps):
-        last = step()
+        values.append(step())
     _sync()
     timed_s = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**20 if HAS_GPU else None
-    return warmup_s, timed_s, peak, float(last) if last is not None else float("nan")
+    return {
+        "warmup_s": warmup_s,
+        "timed_s": timed_s,
+        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if HAS_GPU else None,
+        "first_value": float(values[0]),
+        "last_value": float(values[-1]),
+    }
 
 
 def run_variant(model: torch.nn.Module, config: EndToEndConfig, task: str, execution: str, ops_backend: str,
@@ -108,8 +114,9 @@ def run_variant(model: torch.nn.Module, config: EndToEndConfig, task: str, execu
             with torch.no_grad(), _autocast(config.bf16_autocast):
                 return runner(images).float().mean()
 
+    torch.manual_seed(0)  # the same dropout masks in every eager variant, so first losses compare
     with use_backend(ops_backend):
-        warmup_s, timed_s, peak, last = _timed_loop(step, config.warmup_steps, config.steps)
+        timing = _timed_loop(step, config.warmup_steps, config.steps)
     execution_name = execution + (f"({compile_backend})" if execution == "compiled" and compile_backend != "inductor" else "")
     return {
         "task": task,
@@ -119,11 +126,12 @@ def run_variant(model: torch.nn.Module, config: EndToEndConfig, task: str, execu
         "execution": execution_name,
         "ops": ops_backend,
         "precision": "bf16 autocast" if config.bf16_autocast else "fp32",
-        "images_per_s": batch * config.steps / timed_s,
-        "ms_per_step": 1000 * timed_s / config.steps,
-        "warmup_s": warmup_s,
-        "peak_mib": peak,
-        "last_value": last,
+        "images_per_s": batch * config.steps / timing["timed_s"],
+        "ms_per_step": 1000 * timing["timed_s"] / config.steps,
+        "warmup_s": timing["warmup_s"],
+        "peak_mib": timing["peak_mib"],
+        "first_value": timing["first_value"],
+        "last_value": timing["last_value"],
     }
 
 

@@ -151,7 +151,8 @@ def check_agreement(
     return report
 
 
-def _timed_call(fn: Callable[..., torch.Tensor], inputs: OpInputs, mode: str) -> Callable[[], object]:
+def timed_call(fn: Callable[..., torch.Tensor], inputs: OpInputs, mode: str) -> Callable[[], object]:
+    """The zero-argument call that ``mode`` times (``bwd`` runs its forward now, once)."""
     if mode == "fwd":
         return lambda: fn(*inputs.args)
     if mode == "bwd":
@@ -190,7 +191,7 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
     rows = []
     for provider, fn in fns.items():
         for mode in modes:
-            timed = _timed_call(fn, inputs, mode)
+            timed = timed_call(fn, inputs, mode)
             median, p20, p80 = measure(timed, grad_to_none=inputs.args, warmup_ms=25 if HAS_GPU else 0, rep_ms=rep_ms)
             nbytes = min_bytes(case, mode, element_bytes)
             gbs = nbytes / (median * 1e-3) / 1e9
