@@ -111,7 +111,6 @@ def _without_pretrained(cfg):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluation
     from .training import distributed as dist_utils
     from .training.trainer import build_datasets, evaluate_sharded
 
@@ -121,7 +120,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         log.info("evaluating %d %s images, mode %s", len(dataset), cfg.data.val_split, cfg.eval.mode)
         results = evaluate_sharded(model, dataset, cfg, ctx)
         if ctx.is_main:
-            print(evaluation.format_results(results, getattr(dataset, "class_names", None)))
+            print(results.format_table())
     finally:
         dist_utils.cleanup_distributed()
     return 0

@@ -93,7 +93,7 @@ class OptimConfig:
 class LossConfig:
     """Training loss, see :func:`alignseg.losses.build_criterion`."""
 
-    name: str = "ohem"  # ce | ohem | ce_lovasz
+    name: str = "ohem"  # ce | ohem | lovasz | ce_lovasz (CE + 0.8 Lovasz: the authors' "ohem" setting)
     aux_weight: float = 0.1
     ignore_index: int = 255
     # Extra keyword arguments for build_criterion (e.g. {thresh: 0.7, min_kept: 100000}).
@@ -134,7 +134,7 @@ class EvalConfig:
     tile: tuple[int, int] = (769, 769)
     stride: tuple[int, int] = (513, 513)
     scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75)
-    flip: bool = True
+    flip: bool = False  # also average the horizontally flipped image (any mode)
     batch_size: int = 1
 
 
@@ -159,7 +159,7 @@ class Config:
 CHOICES = {
     "data.dataset": ("cityscapes", "ade20k", "folder", "synthetic"),
     "optim.name": ("sgd", "adamw"),
-    "loss.name": ("ce", "ohem", "ce_lovasz"),
+    "loss.name": ("ce", "ohem", "lovasz", "ce_lovasz"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.compile": ("auto", "on", "off"),

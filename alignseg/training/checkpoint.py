@@ -116,9 +116,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
         raise CheckpointError(
             f"refusing to load checkpoint {path}: it holds Python objects other than tensors and plain data, "
-            "and alignseg loads checkpoints with weights_only=True"
+            f"and alignseg loads checkpoints with weights_only=True ({detail.split('. Please')[0] or 'unpickling failed'})"
         ) from err
     except Exception as err:  # zipfile, EOF and runtime errors all mean "unreadable"
         raise CheckpointError(
