@@ -45,7 +45,7 @@ def evaluate(
         model: in eval mode it maps ``Tensor[N, 3, H, W]`` to logits ``Tensor[N, C, H, W]``; it is put in
             eval mode for the run and restored afterwards.
         mode, tile, stride, scales, flip: the inference setting (see :mod:`alignseg.evaluation.inference`).
-        class_names: for the table; default ``loader.dataset.class_names`` where it exists.
+        class_names: for the table; default ``loader.dataset.class_names`` (looking through ``Subset``).
         device: where to run; default the model's device.
         amp_dtype: run the model under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
         distributed: sum the confusion matrix over the ranks of the process group at the end (each rank
@@ -57,8 +57,10 @@ def evaluate(
     """
     setting = build_inference_mode(mode, tile=tile, stride=stride, scales=scales, flip=flip)
     device = torch.device(device) if device is not None else model_device(model)
-    if class_names is None:
-        class_names = getattr(getattr(loader, "dataset", None), "class_names", None)
+    dataset = getattr(loader, "dataset", None)
+    while class_names is None and dataset is not None:  # through Subset wrappers (sharded evaluation)
+        class_names = getattr(dataset, "class_names", None)
+        dataset = getattr(dataset, "dataset", None)
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
     show = progress and (not distributed or dist.get_rank() == 0)
