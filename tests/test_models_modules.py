@@ -1,0 +1,148 @@
+"""The decoder blocks: zero-initialised offsets, the two AlignFA forms, AlignCM, the backbone layout."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignseg.models import AlignCM, AlignFA, ResNetBackbone
+from alignseg.models.modules import activation_layer
+
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
+ACT = activation_layer("leaky_relu")
+
+
+def upsample(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def shifted(src, d, size):
+    """Independent oracle: sample ``src`` at output pixel (j + dx, i + dy) with grid_sample (align_corners=True)."""
+    h, w = size
+    rows = torch.arange(h, dtype=src.dtype).view(1, h, 1)
+    cols = torch.arange(w, dtype=src.dtype).view(1, 1, w)
+    gx = (cols + d[:, 0]) * 2 / (w - 1) - 1
+    gy = (rows + d[:, 1]) * 2 / (h - 1) - 1
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def randomise_offset_predictors(module, std=0.5):
+    for name, p in module.named_parameters():
+        if name.endswith("predict.weight"):
+            with torch.no_grad():
+                p.normal_(0, std)
+
+
+@pytest.mark.parametrize("upsample_high_first", [False, True])
+def test_align_fa_at_construction_is_bilinear_upsample_plus_sum(upsample_high_first):
+    module = AlignFA(8, nn.BatchNorm2d, ACT, upsample_high_first=upsample_high_first)
+    low, high = torch.randn(2, 8, 13, 17), torch.randn(2, 8, 5, 7)
+    out, offsets = module(low, high, return_offsets=True)
+    assert offsets.shape == (2, 4, 13, 17)
+    assert torch.count_nonzero(offsets) == 0
+    torch.testing.assert_close(out, upsample(high, (13, 17)) + low)
+
+
+def test_align_cm_at_construction_is_upsampled_context_plus_local():
+    module = AlignCM(16, 8, nn.BatchNorm2d, ACT, pool_size=3).eval()
+    x = torch.randn(2, 16, 7, 9)
+    out, offsets = module(x, return_offsets=True)
+    assert offsets.shape == (2, 2, 7, 9)
+    assert torch.count_nonzero(offsets) == 0
+    context = module.context(F.adaptive_avg_pool2d(x, 3))
+    torch.testing.assert_close(out, upsample(context, (7, 9)) + module.local(x))
+
+
+def test_align_fa_split_and_concat_forms_agree_with_the_same_weights():
+    split = AlignFA(8, nn.BatchNorm2d, ACT, hidden=6, upsample_high_first=False)
+    concat = AlignFA(8, nn.BatchNorm2d, ACT, hidden=6, upsample_high_first=True)
+    randomise_offset_predictors(split)
+    for p in split.parameters():  # non-trivial norm parameters too
+        if p.dim() == 1:
+            with torch.no_grad():
+                p.uniform_(0.5, 1.5)
+    concat.load_state_dict(split.state_dict())  # one checkpoint serves both forms
+    low, high = torch.randn(2, 8, 13, 17), torch.randn(2, 8, 5, 7)
+
+    out_split, off_split = split(low, high, return_offsets=True)
+    out_concat, off_concat = concat(low, high, return_offsets=True)
+    assert off_split.abs().mean() > 0.05  # the test is about non-zero offsets
+    torch.testing.assert_close(off_split, off_concat, atol=1e-5, rtol=1e-5)
+
+    # The default form warps the coarse map directly; the authors' form warps its upsampled copy.
+    d = off_split.detach()
+    torch.testing.assert_close(
+        out_split, shifted(high, d[:, 0:2], (13, 17)) + shifted(low, d[:, 2:4], (13, 17)), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        out_concat, shifted(upsample(high, (13, 17)), d[:, 0:2], (13, 17)) + shifted(low, d[:, 2:4], (13, 17)),
+        atol=1e-5, rtol=1e-5,
+    )
+
+
+def test_align_cm_split_and_concat_offset_heads_agree():
+    split = AlignCM(16, 8, nn.BatchNorm2d, ACT, concat=False)
+    concat = AlignCM(16, 8, nn.BatchNorm2d, ACT, concat=True)
+    randomise_offset_predictors(split)
+    concat.load_state_dict(split.state_dict())
+    x = torch.randn(2, 16, 7, 9)
+    out_split, off_split = split(x, return_offsets=True)
+    out_concat, off_concat = concat(x, return_offsets=True)
+    assert off_split.abs().mean() > 0.05
+    torch.testing.assert_close(off_split, off_concat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_split, out_concat, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool_size", [1, 2, 5])
+def test_align_cm_samples_the_pooled_context_at_learned_positions(pool_size):
+    module = AlignCM(16, 8, nn.BatchNorm2d, ACT, pool_size=pool_size).eval()
+    randomise_offset_predictors(module)
+    x = torch.randn(2, 16, 7, 9)
+    out, offsets = module(x, return_offsets=True)
+    context = module.context(F.adaptive_avg_pool2d(x, pool_size))
+    assert context.shape[-2:] == (pool_size, pool_size)
+    expected = shifted(context, offsets.detach(), (7, 9)) + module.local(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_align_cm_rejects_a_bad_pool_size():
+    with pytest.raises(ValueError, match="pool_size must be a positive int"):
+        AlignCM(16, 8, nn.BatchNorm2d, ACT, pool_size=0)
+
+
+# Published parameter counts of torchvision's ResNets (ImageNet classifier included).
+TORCHVISION_PARAMS = {18: 11_689_512, 50: 25_557_032, 101: 44_549_160}
+
+
+@pytest.mark.parametrize("depth", [18, 50, 101])
+def test_backbone_is_torchvision_resnet_with_the_deep_stem(depth):
+    with torch.device("meta"):
+        backbone = ResNetBackbone(depth)
+    expansion = 1 if depth < 50 else 4
+    fc = 512 * expansion * 1000 + 1000
+    stem_7x7 = 64 * 3 * 7 * 7 + 2 * 64
+    deep_stem = 64 * 3 * 9 + 64 * 64 * 9 + 128 * 64 * 9 + 2 * (64 + 64 + 128)
+    # The deep stem ends at 128 channels: layer1's first block reads 64 more channels, and ResNet-18's
+    # first block needs a 1x1 projection (with its norm) that torchvision's does not have.
+    if depth < 50:
+        layer1_extra = 64 * 64 * 9 + (128 * 64 + 2 * 64)
+    else:
+        layer1_extra = 64 * 64 + 64 * 256
+    expected = TORCHVISION_PARAMS[depth] - fc - stem_7x7 + deep_stem + layer1_extra
+    assert sum(p.numel() for p in backbone.parameters()) == expected
+    assert backbone.stage_channels == tuple(c * expansion for c in (64, 128, 256, 512))
+
+
+def test_backbone_stage_sizes_at_an_odd_input():
+    backbone = ResNetBackbone(18, width=8).eval()
+    with torch.no_grad():
+        stages = backbone(torch.randn(1, 3, 97, 131))
+    # 97 -> 49 (stem conv, stride 2) -> 25 (max-pool, ceil mode) -> 13 -> 7 -> 4; 131 -> 66 -> 34 -> 17 -> 9 -> 5
+    assert [tuple(s.shape[1:]) for s in stages] == [(8, 25, 34), (16, 13, 17), (32, 7, 9), (64, 4, 5)]
+
+
+def test_backbone_rejects_an_unknown_depth():
+    with pytest.raises(ValueError, match="depth must be one of"):
+        ResNetBackbone(42)
