@@ -123,10 +123,15 @@ def test_all_reduce_sums_over_two_gloo_processes(tmp_path):
     workers = [context.Process(target=_all_reduce_worker, args=(r, tmp_path / "init", queue)) for r in range(2)]
     for w in workers:
         w.start()
-    results = dict(queue.get(timeout=60) for _ in workers)
-    for w in workers:
-        w.join(timeout=30)
-        assert w.exitcode == 0
+    try:
+        results = dict(queue.get(timeout=60) for _ in workers)
+        for w in workers:
+            w.join(timeout=30)
+            assert w.exitcode == 0
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
     expected = ConfusionMatrix(7)
     for rank in range(2):
         pred, target = _random_batch(20 + rank)
