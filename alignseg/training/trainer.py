@@ -188,8 +188,12 @@ class Trainer:
         )
 
         model = build_model(self.cfg)
-        if self.ctx.is_distributed:
+        if self.ctx.is_distributed and self.device.type == "cuda":
             model = models.convert_sync_batchnorm(model)
+        elif self.ctx.is_distributed:
+            # PyTorch's SyncBatchNorm runs on GPUs only; on CPU each process normalises its own batch
+            # and DDP broadcasts rank 0's running statistics before every forward pass.
+            log.info("CPU processes: BatchNorm statistics per process (SyncBatchNorm needs CUDA)")
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         self.memory_format = memory_format
@@ -341,6 +345,11 @@ class Trainer:
         return loss.item()
 
     def _validate(self) -> evaluation.SegmentationMetrics:
+        if self.ctx.is_distributed:
+            # Without SyncBatchNorm (CPU) the ranks' running statistics drift apart between DDP's
+            # broadcasts; every shard must be evaluated with the same model, rank 0's (the one saved).
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
         # The eager model: eval inputs vary in size, which would make a compiled model recompile.
         results = evaluate_sharded(self.model, self.val_set, self.cfg, self.ctx, progress=self.cfg.train.progress)
         self.model.train()
