@@ -170,16 +170,20 @@ def copy_bandwidth_gbs(nbytes: int | None = None) -> float:
 # Results: CSV + JSON under bench/results/, and the printed table.
 
 
-def write_results(kind: str, rows: list[dict], info: dict[str, str], directory: Path = RESULTS_DIR) -> list[Path]:
-    """Write ``rows`` (each tagged with ``info``) as ``<kind>_<device>_<time>.csv`` and ``.json``."""
+def result_path(kind: str, info: dict[str, str], suffix: str, directory: Path = RESULTS_DIR) -> Path:
+    """``<directory>/<kind>_<device>_<time><suffix>``, the directory created if needed."""
     directory.mkdir(parents=True, exist_ok=True)
     stamp = info["timestamp"].replace(":", "").replace("-", "")
-    stem = directory / f"{kind}_{device_slug(info)}_{stamp}"
+    return directory / f"{kind}_{device_slug(info)}_{stamp}{suffix}"
+
+
+def write_results(kind: str, rows: list[dict], info: dict[str, str], directory: Path = RESULTS_DIR) -> list[Path]:
+    """Write ``rows`` (each tagged with ``info``) as ``<kind>_<device>_<time>.csv`` and ``.json``."""
     tagged = [{**row, **info} for row in rows]
     columns: list[str] = []
     for row in tagged:
         columns += [key for key in row if key not in columns]
-    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    csv_path, json_path = result_path(kind, info, ".csv", directory), result_path(kind, info, ".json", directory)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

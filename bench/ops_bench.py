@@ -56,29 +56,31 @@ def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, d
 
     Offsets are float32 and share the features' memory format, as the model's offset convs produce them.
     """
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: no host-to-device copies
     n, c = case.n, case.c
     (oh, ow), (sh, sw) = case.out_hw, case.src_hw
 
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device)
+
     def feature(h: int, w: int) -> torch.Tensor:
-        t = torch.randn(n, c, h, w, generator=g).to(device=device, dtype=dtype)
-        return t.contiguous(memory_format=layout).requires_grad_()
+        return normal(n, c, h, w).to(dtype).contiguous(memory_format=layout).requires_grad_()
 
     def offsets(pairs: int) -> torch.Tensor:
-        d = 1.5 * torch.randn(n, 2 * pairs, oh, ow, generator=g)
-        cols = torch.arange(ow, dtype=torch.float32).view(1, 1, ow)
-        rows = torch.arange(oh, dtype=torch.float32).view(1, oh, 1)
+        d = 1.5 * normal(n, 2 * pairs, oh, ow)
+        cols = torch.arange(ow, dtype=torch.float32, device=device).view(1, 1, ow)
+        rows = torch.arange(oh, dtype=torch.float32, device=device).view(1, oh, 1)
         # Positions stay inside the map, short of the last row and column: there a one-sided
         # derivative would read the zero padding, where the formulations legitimately differ.
         d[:, 0::2] = (cols + d[:, 0::2]).clamp(0, max(ow - 1.001, 0)) - cols
         d[:, 1::2] = (rows + d[:, 1::2]).clamp(0, max(oh - 1.001, 0)) - rows
-        return d.to(device).contiguous(memory_format=layout).requires_grad_()
+        return d.contiguous(memory_format=layout).requires_grad_()
 
     if case.op == "align_fa":
         args, names = [feature(oh, ow), feature(sh, sw), offsets(2)], ["low", "high", "offsets"]
     else:
         args, names = [feature(sh, sw), offsets(1), feature(oh, ow)], ["context", "offsets", "local"]
-    grad_out = torch.randn(n, c, oh, ow, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=layout)
+    grad_out = normal(n, c, oh, ow).to(dtype).contiguous(memory_format=layout)
     return OpInputs(args, grad_out, names)
 
 

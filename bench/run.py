@@ -40,10 +40,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "aot_eager in smoke mode: Inductor's C++ compile takes ~30 s per shape on a small CPU)",
     )
     parser.add_argument("--e2e-compile", action="store_true", help="smoke mode: also the compiled end-to-end variants (minutes on a CPU)")
-    parser.add_argument("--ops-budget", type=float, default=300.0 if HAS_GPU else None,
-                        help="seconds after which no new op configuration starts (GPU default 300)")
-    parser.add_argument("--e2e-budget", type=float, default=200.0 if HAS_GPU else None,
-                        help="seconds after which no new end-to-end variant starts (GPU default 200)")
+    parser.add_argument("--ops-budget", type=float, default=270.0 if HAS_GPU else None,
+                        help="seconds after which no new op configuration starts (GPU default 270)")
+    parser.add_argument("--e2e-budget", type=float, default=180.0 if HAS_GPU else None,
+                        help="seconds after which no new end-to-end variant starts (GPU default 180)")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing under bench/results/")
     return parser.parse_args(argv)
 
@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             written += common.write_results("ops", op_rows, info)
         if e2e_rows:
             written += common.write_results("e2e", e2e_rows, info)
-        markdown = _markdown_report(info, op_table, e2e_rows, skipped)
-        md_path = written[0].with_name(written[0].stem.replace("ops_", "summary_", 1).replace("e2e_", "summary_", 1) + ".md") if written else None
-        if md_path:
-            md_path.write_text(markdown)
-            written.append(md_path)
+        if written:
+            summary = common.result_path("summary", info, ".md")
+            summary.write_text(_markdown_report(info, op_table, e2e_rows, skipped))
+            written.append(summary)
         for path in written:
             log(f"wrote {path.relative_to(common.REPO_ROOT)}")
 
