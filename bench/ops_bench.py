@@ -194,7 +194,7 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
     for provider, fn in fns.items():
         for mode in modes:
             timed = timed_call(fn, inputs, mode)
-            median, p20, p80 = measure(timed, grad_to_none=inputs.args, warmup_ms=25 if HAS_GPU else 0, rep_ms=rep_ms)
+            median, p20, p80 = measure(timed, grad_to_none=inputs.args, warmup_ms=10 if HAS_GPU else 0, rep_ms=rep_ms)
             nbytes = min_bytes(case, mode, element_bytes)
             gbs = nbytes / (median * 1e-3) / 1e9
             check = agreement[provider]

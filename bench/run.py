@@ -41,15 +41,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--e2e-compile", action="store_true", help="smoke mode: also the compiled end-to-end variants (minutes on a CPU)")
     parser.add_argument("--ops-budget", type=float, default=270.0 if HAS_GPU else None,
-                        help="seconds after which no new op configuration starts (GPU default 270)")
+                        help="seconds after which no new op configuration starts (GPU default 270; 0: no limit)")
     parser.add_argument("--e2e-budget", type=float, default=180.0 if HAS_GPU else None,
-                        help="seconds after which no new end-to-end variant starts (GPU default 180)")
+                        help="seconds after which no new end-to-end variant starts (GPU default 180; 0: no limit)")
+    parser.add_argument("--rep-ms", type=float, default=50.0 if HAS_GPU else 0.0,
+                        help="timed repetitions per point, in ms of run time (do_bench's rep; GPU default 50)")
     parser.add_argument("--no-write", action="store_true", help="print only; write nothing under bench/results/")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    no_limit = lambda budget: None if budget is None or budget <= 0 else budget  # noqa: E731
     start = time.perf_counter()
     info = common.run_info()
     compile_backend = args.compile_backend or ("inductor" if HAS_GPU else "aot_eager")
@@ -72,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         op_rows, op_skipped = ops_bench.run_suite(
             cases, configs, providers=args.providers, modes=args.modes, compile_backend=compile_backend,
-            copy_gbs=copy_gbs, budget_s=args.ops_budget, rep_ms=100 if HAS_GPU else 0,
+            copy_gbs=copy_gbs, budget_s=no_limit(args.ops_budget), rep_ms=args.rep_ms,
         )
         skipped += op_skipped
     if not args.skip_e2e:
         config = end_to_end.GPU_CONFIG if HAS_GPU else end_to_end.SMOKE_CONFIG
         variants = end_to_end.VARIANTS if HAS_GPU or args.e2e_compile else end_to_end.SMOKE_VARIANTS
         e2e_rows, e2e_skipped = end_to_end.run_suite(
-            config, variants=variants, compile_backend=compile_backend, budget_s=args.e2e_budget
+            config, variants=variants, compile_backend=compile_backend, budget_s=no_limit(args.e2e_budget)
         )
         skipped += e2e_skipped
 
