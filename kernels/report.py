@@ -65,25 +65,42 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format):
     ]
 
 
+def specialization(value) -> tuple[str, object]:
+    """(type, attribute) of one runtime argument, as Triton's JIT specialises it at launch.
+
+    Triton's own rule where this version exposes it; otherwise the same rule written out: tensors
+    are 16-byte-aligned pointers (``"D"``), an integer 1 becomes a constant, an integer divisible by
+    16 carries ``"D"``.
+    """
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:
+        if isinstance(value, torch.Tensor):
+            return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[value.dtype], "D"
+        if value == 1:
+            return "constexpr", 1
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), ("D" if value % 16 == 0 else "")
+    return native_specialize_impl(CUDABackend, value, False, True, True)
+
+
 def compile_launch(launch, arch: int):
     """triton.compile the planned launch for sm_<arch>, specialised like the JIT would."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import JITFunction, native_specialize_impl
+    from triton.runtime.jit import JITFunction
 
     kernel = launch.kernel
     if not isinstance(kernel, JITFunction):
         raise RuntimeError("the kernels were imported with TRITON_INTERPRET=1; run with TRITON_INTERPRET=0")
-    names = kernel.arg_names
     signature, constexprs, attrs = {}, {}, {}
-    for index, (name, value) in enumerate(zip(names, launch.args)):
-        kind, attr = native_specialize_impl(CUDABackend, value, False, True, True)
+    for index, (name, value) in enumerate(zip(kernel.arg_names, launch.args)):
+        kind, attr = specialization(value)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = attr
-        elif attr:
-            attrs[(index,)] = CUDABackend.parse_attr(attr)
+        elif attr == "D":
+            attrs[(index,)] = [["tt.divisibility", 16]]
     for name, value in launch.constexprs.items():
         signature[name] = "constexpr"
         constexprs[name] = value
@@ -91,17 +108,31 @@ def compile_launch(launch, arch: int):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
 
 
+def ptxas_path() -> str:
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+    except (ImportError, AttributeError):  # triton before knobs
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas()
+
+
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) from ``ptxas -v``."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
-               ptx_path, "-o", os.path.join(tmp, "kernel.cubin")]
-        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+        cmd = [ptxas_path(), "-v", f"--gpu-name={sm_arch_from_capability(arch)}", ptx_path, "-o", os.path.join(tmp, "kernel.cubin")]
+        # Triton 3.8 passes --regAllocOptLevel=2 (a ptxas 13 work-around); older ptxas may not know it.
+        run = subprocess.run(cmd[:2] + ["--regAllocOptLevel=2"] + cmd[2:], capture_output=True, text=True)
+        if run.returncode != 0:
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        log = run.stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if registers is None or spills is None:
