@@ -26,6 +26,7 @@ from bench.baselines import align_cm_authors, align_fa_authors, authors_formulat
 from bench.common import HAS_GPU, log, measure, peak_memory_mib
 from bench.shapes import MODES, OpCase, flops, min_bytes
 from alignseg.ops import align_cm, align_cm_reference, align_fa, align_fa_reference, use_backend
+from alignseg.ops.sampling import _align_corners_scale
 
 PROVIDERS = ("triton", "reference", "authors", "compiled")
 BASELINES = ("reference", "authors", "compiled")
@@ -40,6 +41,7 @@ _AUTHORS = {"align_fa": align_fa_authors, "align_cm": align_cm_authors}
 # float64 result: fp32 providers must match closely; bf16 ones may be a few bf16 roundings off
 # (bf16 has 8 significant bits, 2**-8 = 0.004), or three times the eager reference's own error.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+KNOT_MARGIN = 0.01  # source pixels between a sampling position and the nearest whole pixel (make_inputs)
 
 
 @dataclasses.dataclass
@@ -52,9 +54,13 @@ class OpInputs:
 
 
 def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, device: torch.device, seed: int = 0) -> OpInputs:
-    """Random features and realistic offsets (a pixel or two), kept so every position stays inside the map.
+    """Random features and realistic offsets (a pixel or two, float32, in the features' memory format).
 
-    Offsets are float32 and share the features' memory format, as the model's offset convs produce them.
+    Every sampling position stays inside its map, short of the last row and column, and at least
+    ``KNOT_MARGIN`` source pixels from a whole-pixel position in each axis. At a whole pixel the
+    gradient with respect to the offset is one-sided by convention, so two correct implementations
+    whose positions differ in the last bit (a GPU's fast fp32 division, a fused multiply-add) could
+    pick opposite sides there, and the comparison would flag a difference that is no error.
     """
     g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: no host-to-device copies
     n, c = case.n, case.c
@@ -66,20 +72,30 @@ def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, d
     def feature(h: int, w: int) -> torch.Tensor:
         return normal(n, c, h, w).to(dtype).contiguous(memory_format=layout).requires_grad_()
 
-    def offsets(pairs: int) -> torch.Tensor:
-        d = 1.5 * normal(n, 2 * pairs, oh, ow)
+    def away_from_knots(index: torch.Tensor, shift: torch.Tensor, out_size: int, src_size: int) -> torch.Tensor:
+        scale = _align_corners_scale(src_size, out_size)
+        if scale == 0:  # a one-pixel map: every position samples it alike
+            return shift
+        # Inside the output grid, short of its last line: the one-sided derivative there would read
+        # the zero padding, where the authors' formulation legitimately differs from the others.
+        position = (index + shift).clamp(0, out_size - 1.001) * scale
+        whole = position.floor()
+        position = whole + (position - whole).clamp(KNOT_MARGIN, 1 - KNOT_MARGIN)
+        return position / scale - index
+
+    def offsets(src_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        d = 1.5 * normal(n, 2 * len(src_sizes), oh, ow)
         cols = torch.arange(ow, dtype=torch.float32, device=device).view(1, 1, ow)
         rows = torch.arange(oh, dtype=torch.float32, device=device).view(1, oh, 1)
-        # Positions stay inside the map, short of the last row and column: there a one-sided
-        # derivative would read the zero padding, where the formulations legitimately differ.
-        d[:, 0::2] = (cols + d[:, 0::2]).clamp(0, max(ow - 1.001, 0)) - cols
-        d[:, 1::2] = (rows + d[:, 1::2]).clamp(0, max(oh - 1.001, 0)) - rows
+        for pair, (src_h, src_w) in enumerate(src_sizes):
+            d[:, 2 * pair] = away_from_knots(cols, d[:, 2 * pair], ow, src_w)
+            d[:, 2 * pair + 1] = away_from_knots(rows, d[:, 2 * pair + 1], oh, src_h)
         return d.contiguous(memory_format=layout).requires_grad_()
 
     if case.op == "align_fa":
-        args, names = [feature(oh, ow), feature(sh, sw), offsets(2)], ["low", "high", "offsets"]
+        args, names = [feature(oh, ow), feature(sh, sw), offsets([(sh, sw), (oh, ow)])], ["low", "high", "offsets"]
     else:
-        args, names = [feature(sh, sw), offsets(1), feature(oh, ow)], ["context", "offsets", "local"]
+        args, names = [feature(sh, sw), offsets([(sh, sw)]), feature(oh, ow)], ["context", "offsets", "local"]
     grad_out = normal(n, c, oh, ow).to(dtype).contiguous(memory_format=layout)
     return OpInputs(args, grad_out, names)
 

@@ -9,7 +9,7 @@ import torch
 
 from bench import common
 from bench.baselines import align_fa_authors, authors_formulation_is_exact
-from bench.ops_bench import check_agreement, make_inputs
+from bench.ops_bench import KNOT_MARGIN, check_agreement, make_inputs
 from bench.roofline import README, roofline_markdown
 from bench.shapes import SETTINGS, OpCase, feature_sizes, min_bytes, smoke_cases
 from alignseg.ops import align_fa_reference
@@ -81,6 +81,25 @@ def test_authors_formulation_differs_where_the_scale_is_fractional():
         low, high, offsets = (a.detach() for a in make_inputs(case, torch.float32, torch.contiguous_format, torch.device("cpu")).args)
         error = (align_fa_authors(low, high, offsets) - align_fa_reference(low, high, offsets)).abs().max().item()
         assert (error < 1e-5) == close, error
+
+
+@pytest.mark.parametrize(
+    "case", [*smoke_cases(), OpCase("align_fa", "t", "t", 2, 3, (37, 53), (19, 14)), OpCase("align_cm", "t", "t", 1, 2, (28, 28), (3, 3))],
+    ids=lambda c: f"{c.op}-{c.out_hw}-{c.src_hw}",
+)
+def test_offsets_keep_positions_inside_the_maps_and_off_whole_pixels(case):
+    inputs = make_inputs(case, torch.float32, torch.channels_last, torch.device("cpu"))
+    offsets = inputs.args[inputs.names.index("offsets")].detach()
+    (oh, ow), (sh, sw) = case.out_hw, case.src_hw
+    maps = [(sh, sw), (oh, ow)] if case.op == "align_fa" else [(sh, sw)]
+    grids = (torch.arange(ow).view(1, 1, ow), torch.arange(oh).view(1, oh, 1))
+    for pair, src_sizes in enumerate(maps):
+        for axis, (index, out_size, src_size) in enumerate(zip(grids, (ow, oh), src_sizes[::-1])):
+            position = (index + offsets[:, 2 * pair + axis]) * (src_size - 1) / (out_size - 1)
+            fraction = position - position.floor()
+            assert position.min() > 0 and position.max() < src_size - 1
+            assert fraction.min() > KNOT_MARGIN / 2 and fraction.max() < 1 - KNOT_MARGIN / 2
+            assert offsets[:, 2 * pair + axis].abs().max() > 0.5  # the offsets do move the samples
 
 
 def test_agreement_check_catches_a_wrong_provider():
