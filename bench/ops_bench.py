@@ -195,7 +195,8 @@ def bench_config(
     """Check, then time, every provider and mode of one (case, dtype, layout); one row per point."""
     # ``bwd`` reruns backward on one retained graph; a compiled backward may only do that without
     # buffer donation (donation only lets it free saved tensors early: the timing is unaffected).
-    with torch._functorch.config.patch(donated_buffer=False):
+    no_donation = {"donated_buffer": False} if hasattr(torch._functorch.config, "donated_buffer") else {}
+    with torch._functorch.config.patch(**no_donation):
         return _bench_config(case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms)
 
 
