@@ -40,7 +40,7 @@ class EndToEndConfig:
     train_batch: int
     infer_size: tuple[int, int]
     infer_batch: int
-    warmup_steps: int  # untimed; the first one compiles
+    warmup_steps: int  # untimed; the first one compiles (compiled variants get at least one)
     steps: int
     bf16_autocast: bool
 
@@ -119,7 +119,9 @@ def run_variant(model: torch.nn.Module, config: EndToEndConfig, task: str, execu
 
     torch.manual_seed(0)  # the same dropout masks in every eager variant, so first losses compare
     with use_backend(ops_backend):
-        timing = _timed_loop(step, config.warmup_steps, config.steps)
+        # A compiled model compiles on its first step, which must never be timed.
+        warmup_steps = config.warmup_steps if execution == "eager" else max(1, config.warmup_steps)
+        timing = _timed_loop(step, warmup_steps, config.steps)
     execution_name = execution + (f"({compile_backend})" if execution == "compiled" and compile_backend != "inductor" else "")
     return {
         "task": task,
