@@ -9,6 +9,9 @@ from alignseg.models import OFFSET_NAMES, AlignSeg, build, convert_sync_batchnor
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
 NUM_CLASSES = 5
+# An odd image size shared by most tests (one set of convolution shapes to set up); at stride 4
+# (stem conv of stride 2, then max-pool with padding 1 and ceil mode) it is 12x16, at stride 32 2x2.
+SIZE = (45, 61)
 
 
 def assert_close_to_scale(actual, expected, rel=1e-4):
@@ -29,7 +32,7 @@ def test_list_models_names_the_presets():
     assert list_models() == ["alignseg_r101", "alignseg_r18", "alignseg_r50", "alignseg_tiny"]
 
 
-@pytest.mark.parametrize("size", [(97, 131), (64, 64), (33, 50)])
+@pytest.mark.parametrize("size", [(97, 131), (33, 50)])
 def test_tiny_preset_output_shapes(size):
     model = build("alignseg_tiny", NUM_CLASSES)
     images = torch.randn(2, 3, *size)
@@ -59,16 +62,16 @@ def test_large_preset_output_shapes_on_the_meta_device(name):
 def test_eval_output_at_stride_4_when_asked():
     model = build("alignseg_tiny", NUM_CLASSES, upsample_eval_output=False).eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 97, 131)).shape == (1, NUM_CLASSES, 25, 34)
+        assert model(torch.randn(2, 3, *SIZE)).shape == (2, NUM_CLASSES, 12, 16)
 
 
 def test_eval_logits_are_the_upsampled_stride_4_logits():
     upsampled = build("alignseg_tiny", NUM_CLASSES).eval()
     raw = build("alignseg_tiny", NUM_CLASSES, upsample_eval_output=False).eval()
     raw.load_state_dict(upsampled.state_dict())
-    images = torch.randn(1, 3, 61, 45)
+    images = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
-        expected = nn.functional.interpolate(raw(images), size=(61, 45), mode="bilinear", align_corners=True)
+        expected = nn.functional.interpolate(raw(images), size=SIZE, mode="bilinear", align_corners=True)
         torch.testing.assert_close(upsampled(images), expected)
 
 
@@ -76,7 +79,7 @@ def test_gradients_reach_every_parameter():
     model = build("alignseg_tiny", NUM_CLASSES)
     # Offsets away from zero, so that the offset heads' first layers receive gradient as well.
     randomise_offset_predictors(model)
-    images = torch.randn(2, 3, 64, 80)
+    images = torch.randn(2, 3, *SIZE)
     main, aux = model(images)
     (main.square().mean() + aux.square().mean()).backward()
     for name, p in model.named_parameters():
@@ -87,13 +90,13 @@ def test_gradients_reach_every_parameter():
 
 def test_forward_offsets_names_and_shapes():
     model = build("alignseg_tiny", NUM_CLASSES).eval()
-    images = torch.randn(2, 3, 97, 131)
+    images = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         offsets = model.forward_offsets(images)
         assert list(offsets) == list(OFFSET_NAMES)
         for name in OFFSET_NAMES[:4]:
-            assert offsets[name].shape == (2, 4, 25, 34)
-        assert offsets["align_cm"].shape == (2, 2, 4, 5)
+            assert offsets[name].shape == (2, 4, 12, 16)
+        assert offsets["align_cm"].shape == (2, 2, 2, 2)
         # Zero-initialised offset convolutions predict zero offsets at construction.
         assert all(torch.count_nonzero(o) == 0 for o in offsets.values())
 
@@ -111,7 +114,7 @@ def test_the_authors_form_builds_from_the_same_checkpoint():
     authors = build("alignseg_tiny", NUM_CLASSES, upsample_high_first=True)
     authors.load_state_dict(default.state_dict())  # strict: the same keys and shapes
     default.eval(), authors.eval()
-    images = torch.randn(1, 3, 64, 64)
+    images = torch.randn(2, 3, *SIZE)
     with torch.no_grad():  # zero offsets at construction: both forms compute the same thing
         assert_close_to_scale(authors(images), default(images))
 
@@ -119,7 +122,7 @@ def test_the_authors_form_builds_from_the_same_checkpoint():
 def test_channels_last_gives_the_same_output():
     model = build("alignseg_tiny", NUM_CLASSES).eval()
     randomise_offset_predictors(model)
-    images = torch.randn(2, 3, 64, 48)
+    images = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         expected = model(images)
         model = model.to(memory_format=torch.channels_last)

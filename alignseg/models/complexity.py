@@ -10,6 +10,7 @@ device, so no memory is allocated and no arithmetic is done, whatever the input 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def complexity(model: nn.Module, input_size: tuple[int, int] = (512, 1024)) -> t
     else:
         counted = model
         in_channels = getattr(model, "in_channels", 3)
-    device = next(counted.parameters()).device
+    device = next(counted.parameters(), torch.empty(0)).device
     images = torch.zeros(1, in_channels, *input_size, device=device)
 
     sampling_macs = 0
@@ -63,20 +64,24 @@ def complexity(model: nn.Module, input_size: tuple[int, int] = (512, 1024)) -> t
 
 
 def format_model_summary(
-    names: Iterable[str] | None = None, num_classes: int = 19, input_size: tuple[int, int] = (512, 1024)
+    names: Iterable[str] | None = None,
+    num_classes: int = 19,
+    input_size: tuple[int, int] = (512, 1024),
+    **overrides: Any,
 ) -> str:
-    """A table of parameters and GMACs for the presets ``names`` (all presets by default).
+    """A table of parameters and GMACs for the presets ``names`` (all presets by default), built with
+    ``overrides`` as :func:`~alignseg.models.build` takes them.
 
     Example output line::
 
-        alignseg_r101   69.85 M   ...  GMACs  the paper's network: ...
+        alignseg_r101      66.85 M    209.70  the paper's network: deep-stem ResNet-101, 256-wide decoder
     """
     names = list_models() if names is None else list(names)
     header = f"{'model':<15} {'params':>10} {'GMACs':>9}  at {input_size[0]}x{input_size[1]}, {num_classes} classes"
     lines = [header, "-" * len(header)]
     for name in names:
         with torch.device("meta"):
-            model = build(name, num_classes)
+            model = build(name, num_classes, **overrides)
         params, macs = complexity(model, input_size)
         lines.append(f"{name:<15} {params / 1e6:>8.2f} M {macs / 1e9:>9.2f}  {PRESET_DESCRIPTIONS[name]}")
     return "\n".join(lines)
