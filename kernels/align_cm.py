@@ -26,6 +26,7 @@ from .launch import (
     MIN_DOT_SIZE,
     LaunchConfig,
     accumulation_dtype,
+    align_corners_scale as host_scale,
     channel_block,
     check_index_range,
     launch_config,
@@ -45,6 +46,7 @@ def align_cm_forward_kernel(
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     loc_stride_n, loc_stride_c, loc_stride_h, loc_stride_w,
     C, H, W, k1, k2,
+    scale_x, scale_y,  # align-corners scales of context, fp32 (see align_corners_scale)
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -58,9 +60,9 @@ def align_cm_forward_kernel(
     shift_ptr = offsets_ptr + n * off_stride_n
     shift_at = rows * off_stride_h + cols * off_stride_w
     x0, fx = source_coordinate(cols.to(ACC_DTYPE), load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(k2, W, ACC_DTYPE), k2)
+                               align_corners_scale(k2, W, scale_x, ACC_DTYPE), k2)
     y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(k1, H, ACC_DTYPE), k1)
+                               align_corners_scale(k1, H, scale_y, ACC_DTYPE), k1)
     acc = sample_tile(context_ptr + n * ctx_stride_n, channels, ctx_stride_c, ctx_stride_h, ctx_stride_w,
                       x0, y0, fx, fy, k1, k2, mask_p, mask_c)
 
@@ -100,6 +102,7 @@ def align_cm_backward_kernel(
     ctx_stride_n, ctx_stride_c, ctx_stride_h, ctx_stride_w,
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     C, H, W, k1, k2,
+    scale_x, scale_y,  # align-corners scales of context, fp32 (see align_corners_scale)
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CELLS: tl.constexpr,
@@ -111,8 +114,8 @@ def align_cm_backward_kernel(
 
     shift_ptr = offsets_ptr + n * off_stride_n
     shift_at = rows * off_stride_h + cols * off_stride_w
-    sx = align_corners_scale(k2, W, ACC_DTYPE)
-    sy = align_corners_scale(k1, H, ACC_DTYPE)
+    sx = align_corners_scale(k2, W, scale_x, ACC_DTYPE)
+    sy = align_corners_scale(k1, H, scale_y, ACC_DTYPE)
     x0, fx = source_coordinate(cols.to(ACC_DTYPE), load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx, k2)
     y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy, k1)
     if REDUCE_CELLS:
@@ -171,7 +174,7 @@ def plan_align_cm_forward(
         align_cm_forward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
         args=(out, context, offsets, local, *_strides(out), *_strides(context), *_strides(offsets), *_strides(local),
-              c, H, W, k1, k2),
+              c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(local.dtype)[1]),
         num_warps=cfg.num_warps,
     )
@@ -224,7 +227,7 @@ def plan_align_cm_backward(
         args=(
             grad_context, grad_offsets, grad, context, offsets,
             *_strides(grad_context), *_strides(grad_offsets), *_strides(grad), *_strides(context), *_strides(offsets),
-            c, H, W, k1, k2,
+            c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H),
         ),
         constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0, ACC_DTYPE=acc_triton),
         num_warps=cfg.num_warps,

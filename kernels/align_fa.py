@@ -11,8 +11,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .bilinear import align_corners_scale, load_shift, output_pixels, sample_tile, source_coordinate, tap_gradients
-from .launch import KernelLaunch, LaunchConfig, accumulation_dtype, channel_block, check_index_range, launch_config
+from .bilinear import (
+    align_corners_scale,
+    load_shift,
+    output_pixels,
+    sample_tile,
+    source_coordinate,
+    tap_gradients,
+    unit_scale,
+)
+from .launch import (
+    KernelLaunch,
+    LaunchConfig,
+    accumulation_dtype,
+    align_corners_scale as host_scale,
+    channel_block,
+    check_index_range,
+    launch_config,
+)
 
 
 # out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low.
@@ -28,6 +44,7 @@ def align_fa_forward_kernel(
     high_stride_n, high_stride_c, high_stride_h, high_stride_w,
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     C, H, W, h, w,
+    high_scale_x, high_scale_y,  # align-corners scales of high, fp32 (see align_corners_scale)
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -43,16 +60,16 @@ def align_fa_forward_kernel(
     cols_acc = cols.to(ACC_DTYPE)
 
     x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(w, W, ACC_DTYPE), w)
+                               align_corners_scale(w, W, high_scale_x, ACC_DTYPE), w)
     y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(h, H, ACC_DTYPE), h)
+                               align_corners_scale(h, H, high_scale_y, ACC_DTYPE), h)
     acc = sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
                       x0, y0, fx, fy, h, w, mask_p, mask_c)
 
     x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(W, W, ACC_DTYPE), W)
+                               unit_scale(W, ACC_DTYPE), W)
     y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(H, H, ACC_DTYPE), H)
+                               unit_scale(H, ACC_DTYPE), H)
     acc += sample_tile(low_ptr + n * low_stride_n, channels, low_stride_c, low_stride_h, low_stride_w,
                        x0, y0, fx, fy, H, W, mask_p, mask_c)
 
@@ -81,6 +98,7 @@ def align_fa_backward_kernel(
     high_stride_n, high_stride_c, high_stride_h, high_stride_w,
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     C, H, W, h, w,
+    high_scale_x, high_scale_y,  # align-corners scales of high, fp32 (see align_corners_scale)
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -92,10 +110,10 @@ def align_fa_backward_kernel(
     shift_at = rows * off_stride_h + cols * off_stride_w
     rows_acc = rows.to(ACC_DTYPE)
     cols_acc = cols.to(ACC_DTYPE)
-    sx_high = align_corners_scale(w, W, ACC_DTYPE)
-    sy_high = align_corners_scale(h, H, ACC_DTYPE)
-    sx_low = align_corners_scale(W, W, ACC_DTYPE)
-    sy_low = align_corners_scale(H, H, ACC_DTYPE)
+    sx_high = align_corners_scale(w, W, high_scale_x, ACC_DTYPE)
+    sy_high = align_corners_scale(h, H, high_scale_y, ACC_DTYPE)
+    sx_low = unit_scale(W, ACC_DTYPE)
+    sy_low = unit_scale(H, ACC_DTYPE)
     hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_high, w)
     hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_high, h)
     lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_low, W)
@@ -152,7 +170,8 @@ def plan_align_fa_forward(
     launch = KernelLaunch(
         align_fa_forward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
-        args=(out, low, high, offsets, *_strides(out), *_strides(low), *_strides(high), *_strides(offsets), c, H, W, h, w),
+        args=(out, low, high, offsets, *_strides(out), *_strides(low), *_strides(high), *_strides(offsets), c, H, W, h, w,
+              host_scale(w, W), host_scale(h, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1]),
         num_warps=cfg.num_warps,
     )
@@ -197,7 +216,7 @@ def plan_align_fa_backward(
             grad_low, grad_high, grad_offsets, grad, low, high, offsets,
             *_strides(grad_low), *_strides(grad_high), *_strides(grad_offsets), *_strides(grad),
             *_strides(low), *_strides(high), *_strides(offsets),
-            c, H, W, h, w,
+            c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton),
         num_warps=cfg.num_warps,

@@ -14,10 +14,23 @@ import triton.language as tl
 
 
 @triton.jit
-def align_corners_scale(src_size, out_size, ACC_DTYPE: tl.constexpr):
-    """(src_size - 1) / (out_size - 1) as ACC_DTYPE, 0 when out_size == 1."""
-    ratio = (src_size - 1).to(ACC_DTYPE) / tl.maximum(out_size - 1, 1).to(ACC_DTYPE)
-    return tl.where(out_size > 1, ratio, 0.0).to(ACC_DTYPE)
+def align_corners_scale(src_size, out_size, host_scale, ACC_DTYPE: tl.constexpr):
+    """(src_size - 1) / (out_size - 1) as ACC_DTYPE (0 when out_size == 1), correctly rounded.
+
+    fp32 kernels take ``host_scale``, the launcher's value: fp32 division on GPUs is approximate, and a
+    scale an ulp off moves whole-pixel positions below the grid point and flips the one-sided offset
+    gradient there (an IEEE division in the kernel costs ~70 registers). fp64 division is IEEE.
+    """
+    if ACC_DTYPE == tl.float64:
+        ratio = (src_size - 1).to(tl.float64) / tl.maximum(out_size - 1, 1).to(tl.float64)
+        return tl.where(out_size > 1, ratio, 0.0).to(tl.float64)
+    return tl.cast(host_scale, ACC_DTYPE)
+
+
+@triton.jit
+def unit_scale(size, ACC_DTYPE: tl.constexpr):
+    """The scale of a source as large as the output: exactly 1, or 0 for a size of 1."""
+    return tl.where(size > 1, 1.0, 0.0).to(ACC_DTYPE)
 
 
 @triton.jit
@@ -118,10 +131,14 @@ def tap_gradients(
 
 @triton.jit
 def output_pixels(pid_p, H, W, BLOCK_P: tl.constexpr):
-    """Rows and columns (int64) of one block of output pixels of an (H, W) grid, and its mask."""
-    pixels = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    """Rows and columns (int64) of one block of output pixels of an (H, W) grid, and its mask.
+
+    The index arithmetic is int32 (H * W is checked by the launchers; a 64-bit division is slow),
+    the results int64 because they multiply strides.
+    """
+    pixels = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     rows = pixels // W
-    return rows, pixels - rows * W, pixels < H * W
+    return rows.to(tl.int64), (pixels - rows * W).to(tl.int64), pixels < H * W
 
 
 @triton.jit

@@ -82,6 +82,12 @@ def channel_block(channels: int, config: LaunchConfig, minimum: int = 1) -> int:
     return max(minimum, min(config.max_block_c, triton.next_power_of_2(channels)))
 
 
+def align_corners_scale(src_size: int, out_size: int) -> float:
+    """(src_size - 1) / (out_size - 1), 0 for an output size of 1: the rule of alignseg.ops.sampling
+    (repeated here because kernels/ does not import the ops), computed on the host for fp32 kernels."""
+    return (src_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+
+
 def accumulation_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     """fp64 for fp64 inputs, else fp32: as a torch dtype (buffers) and a Triton dtype (constexpr)."""
     if dtype == torch.float64:
@@ -89,9 +95,12 @@ def accumulation_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return torch.float32, tl.float32
 
 
+MAX_PIXELS = 2**31 - 2**16  # pixel indices are int32 inside the kernels, blocks included
+
+
 def check_index_range(name: str, t: torch.Tensor) -> None:
-    """Pixel indices inside a batch row are int64 but the grid's first axis must fit its limit."""
-    if t.shape[-2] * t.shape[-1] >= 2**31:
-        raise ValueError(f"{name} has {t.shape[-2] * t.shape[-1]} pixels per map; the kernels support fewer than 2**31")
+    """The kernels index the pixels of one map in int32 and put the batch on a grid axis (limit 65535)."""
+    if t.shape[-2] * t.shape[-1] >= MAX_PIXELS:
+        raise ValueError(f"{name} has {t.shape[-2] * t.shape[-1]} pixels per map; the kernels support fewer than {MAX_PIXELS}")
     if t.shape[0] > 65535:
         raise ValueError(f"{name} has batch size {t.shape[0]}; the kernels' grid supports at most 65535")

@@ -78,6 +78,8 @@ def specialization(value) -> tuple[str, object]:
     except ImportError:
         if isinstance(value, torch.Tensor):
             return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[value.dtype], "D"
+        if isinstance(value, float):
+            return "fp32", ""
         if value == 1:
             return "constexpr", 1
         return ("i32" if -(2**31) <= value < 2**31 else "i64"), ("D" if value % 16 == 0 else "")
