@@ -30,6 +30,7 @@ from .launch import (
     channel_block,
     check_index_range,
     launch_config,
+    strides,
 )
 
 
@@ -151,10 +152,6 @@ def align_cm_backward_kernel(
     tl.store(go_at + go_stride_c, (dfy * sy).to(out_ty), mask=mask_p)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.stride())
-
-
 def plan_align_cm_forward(
     context: torch.Tensor,
     offsets: torch.Tensor,
@@ -173,7 +170,7 @@ def plan_align_cm_forward(
     launch = KernelLaunch(
         align_cm_forward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
-        args=(out, context, offsets, local, *_strides(out), *_strides(context), *_strides(offsets), *_strides(local),
+        args=(out, context, offsets, local, *strides(out), *strides(context), *strides(offsets), *strides(local),
               c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(local.dtype)[1]),
         num_warps=cfg.num_warps,
@@ -226,7 +223,7 @@ def plan_align_cm_backward(
         grid=(triton.cdiv(H * W, block_p), n),
         args=(
             grad_context, grad_offsets, grad, context, offsets,
-            *_strides(grad_context), *_strides(grad_offsets), *_strides(grad), *_strides(context), *_strides(offsets),
+            *strides(grad_context), *strides(grad_offsets), *strides(grad), *strides(context), *strides(offsets),
             c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H),
         ),
         constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0, ACC_DTYPE=acc_triton),

@@ -28,6 +28,7 @@ from .launch import (
     channel_block,
     check_index_range,
     launch_config,
+    strides,
 )
 
 
@@ -148,10 +149,6 @@ def align_fa_backward_kernel(
     tl.store(go_at + 3 * go_stride_c, (low_dfy * sy_low).to(out_ty), mask=mask_p)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.stride())
-
-
 def plan_align_fa_forward(
     low: torch.Tensor,
     high: torch.Tensor,
@@ -170,7 +167,7 @@ def plan_align_fa_forward(
     launch = KernelLaunch(
         align_fa_forward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
-        args=(out, low, high, offsets, *_strides(out), *_strides(low), *_strides(high), *_strides(offsets), c, H, W, h, w,
+        args=(out, low, high, offsets, *strides(out), *strides(low), *strides(high), *strides(offsets), c, H, W, h, w,
               host_scale(w, W), host_scale(h, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1]),
         num_warps=cfg.num_warps,
@@ -214,8 +211,8 @@ def plan_align_fa_backward(
         grid=(triton.cdiv(H * W, cfg.block_p), n),
         args=(
             grad_low, grad_high, grad_offsets, grad, low, high, offsets,
-            *_strides(grad_low), *_strides(grad_high), *_strides(grad_offsets), *_strides(grad),
-            *_strides(low), *_strides(high), *_strides(offsets),
+            *strides(grad_low), *strides(grad_high), *strides(grad_offsets), *strides(grad),
+            *strides(low), *strides(high), *strides(offsets),
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton),

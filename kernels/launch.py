@@ -88,6 +88,11 @@ def align_corners_scale(src_size: int, out_size: int) -> float:
     return (src_size - 1) / (out_size - 1) if out_size > 1 else 0.0
 
 
+def strides(t: torch.Tensor) -> tuple[int, ...]:
+    """(n, c, h, w) strides in elements: the kernels address every tensor through them."""
+    return tuple(t.stride())
+
+
 def accumulation_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     """fp64 for fp64 inputs, else fp32: as a torch dtype (buffers) and a Triton dtype (constexpr)."""
     if dtype == torch.float64:
