@@ -12,6 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:  # fix Triton's interpreter mode now: torch imports triton lazily (e.g. on the first custom-op call)
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
