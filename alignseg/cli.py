@@ -1,7 +1,7 @@
 """The ``alignseg`` command: train, eval, predict, offsets, info.
 
     alignseg train                                   # the built-in demo: tiny model, synthetic data
-    alignseg train --config cityscapes data.root=/data/cityscapes model.pretrained=r101.pth
+    alignseg train --config cityscapes data.root=/data/cityscapes --pretrained resnet101.pth
     torchrun --nproc_per_node=8 -m alignseg train --config cityscapes data.root=...
     alignseg train --resume runs/synthetic-.../checkpoint_0000400.pt train.iterations=800
     alignseg eval --checkpoint runs/.../best.pt --mode slide
@@ -71,6 +71,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "give either --config or --resume: a resumed run takes its config from the checkpoint "
             "(add key=value overrides to change it, e.g. train.iterations=2000)"
         )
+    if args.pretrained is not None:
+        args.overrides = [*args.overrides, f"model.pretrained={args.pretrained}"]
     if args.resume is not None:
         cfg = config_for_resume(args.resume, args.overrides)
     else:
@@ -96,18 +98,11 @@ def _load_for_inference(args: argparse.Namespace):
     if getattr(args, "mode", None):
         cfg = apply_overrides(cfg, [f"eval.mode={args.mode}"])
     ctx = dist_utils.init_distributed(cfg.train.device)
-    model = build_model(_without_pretrained(cfg))
+    model = build_model(cfg, load_pretrained=False)
     load_model_state(model, state)
     model.to(ctx.device).eval()
     log.info("loaded %s (%s, iteration %d)", state["path"], cfg.model.name, state["iteration"])
     return cfg, model, ctx
-
-
-def _without_pretrained(cfg):
-    """The config without backbone weights to load: the checkpoint already holds every weight."""
-    import dataclasses
-
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -228,6 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="a preset name or a YAML file (default: synthetic)")
     train.add_argument("--resume", help="continue from this checkpoint (or the latest one in this run folder)")
+    train.add_argument("--pretrained", help="ImageNet backbone weights (a local torchvision-layout ResNet file); same as model.pretrained=PATH")
     train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     train.set_defaults(handler=_cmd_train)
 

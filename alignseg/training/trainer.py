@@ -97,10 +97,14 @@ def build_datasets(cfg: Config, ctx: DistributedContext, splits=("train", "val")
     return out
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The network of ``cfg`` (BatchNorm; converted to SyncBatchNorm by the trainer under DDP)."""
+def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
+    """The network of ``cfg`` (BatchNorm; converted to SyncBatchNorm by the trainer under DDP).
+
+    ``load_pretrained=False`` skips ``model.pretrained``: for a model about to get every weight from
+    a checkpoint (the backbone file need not exist where a run is resumed or evaluated).
+    """
     model = models.build(cfg.model.name, cfg.data.num_classes, **cfg.model.options)
-    if cfg.model.pretrained:
+    if load_pretrained and cfg.model.pretrained:
         models.load_backbone_weights(model, Path(cfg.model.pretrained).expanduser())
     return model
 
@@ -187,7 +191,7 @@ class Trainer:
             drop_last=True,
         )
 
-        model = build_model(self.cfg)
+        model = build_model(self.cfg, load_pretrained=self.resume_state is None)
         if self.ctx.is_distributed and self.device.type == "cuda":
             model = models.convert_sync_batchnorm(model)
         elif self.ctx.is_distributed:
@@ -320,9 +324,7 @@ class Trainer:
             if self._buffers:
                 torch._foreach_copy_(self._buffers, self._buffer_backup)
             self.nonfinite_steps += 1
-            with warnings.catch_warnings():  # the schedule follows the iteration, step taken or not
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                self.scheduler.step()
+            self._advance_schedule()
             limit = self.cfg.train.max_nonfinite_steps
             log.warning(
                 "iteration %d: the loss is %s; step skipped (%d of at most %d)",
@@ -341,8 +343,15 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        self._advance_schedule()
         return loss.item()
+
+    def _advance_schedule(self) -> None:
+        # The schedule follows the iteration whether or not the optimiser stepped (a skipped step,
+        # or fp16 GradScaler skipping an overflow), so torch's "step order" warning does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
 
     def _validate(self) -> evaluation.SegmentationMetrics:
         if self.ctx.is_distributed:
