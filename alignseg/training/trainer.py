@@ -229,6 +229,10 @@ class Trainer:
         if self.ctx.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if t.channels_last:
+                # 1x1-kernel weights have two valid stride sets in channels_last; DDP compares strides
+                # exactly and warns on every step although the memory layout is the same.
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         if self._compile_enabled():
             log.info("compiling the model with torch.compile (the first steps are slow while it compiles)")
             self.train_model = torch.compile(self.train_model)
