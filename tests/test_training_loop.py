@@ -147,3 +147,25 @@ def test_mixed_precision_step_and_scaler_state(tmp_path, amp):
         assert updated or scaler["scale"] < 2.0**16
     else:
         assert updated and not scaler  # bf16 needs no scaler
+
+
+def test_interrupt_saves_a_checkpoint_to_resume_from(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "stopped", "train.iterations=4", "train.checkpoint_every=0"))
+
+    class _CtrlC(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, outputs, target):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return self.inner(outputs, target)
+
+    trainer.criterion = _CtrlC(trainer.criterion)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    saved = load_checkpoint(tmp_path / "stopped")  # the folder's latest checkpoint
+    assert saved["iteration"] == 2
+    _assert_same_tensors(saved["model"], trainer.model.state_dict(), "saved weights")
