@@ -42,7 +42,7 @@ class ModelConfig:
     name: str = "alignseg_r101"
     # Backbone weights (torchvision-layout ResNet state_dict) loaded before training; no download.
     pretrained: str | None = None
-    # Extra keyword arguments for alignseg.models.build (e.g. {offset_head: concat}).
+    # Extra keyword arguments for alignseg.models.build (e.g. {upsample_high_first: true}).
     options: dict[str, Any] = field(default_factory=dict)
 
 
