@@ -6,7 +6,8 @@ Each kernel is compiled as the launchers launch it on a GPU: the launch plans of
 and kernels/align_cm.py (block sizes from ``GPU_CONFIGS``) over realistic arguments (N=2, C=256,
 a 128x256 output from a 64x128 coarse map, a 3x3 context; meta tensors, so nothing is allocated),
 with the signature and specialisation Triton's JIT would derive from them (16-byte-aligned pointers,
-strides of 1 as constants). ``ptxas -v`` (shipped with triton) then gives registers and spill bytes.
+strides of 1 as constants). ``cuobjdump`` (shipped with triton) reads registers and local memory
+(spills) from the cubin Triton built.
 The kernels must be imported without ``TRITON_INTERPRET=1`` (interpreted functions do not compile).
 """
 
@@ -24,6 +25,7 @@ import tempfile
 import torch
 
 EXAMPLE_SHAPE = dict(n=2, c=256, out_h=128, out_w=256, coarse_h=64, coarse_w=128, context=3)
+SPILLED = 3  # exit status when a kernel spills (1 is Python's own for an uncaught error)
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -37,8 +39,8 @@ class KernelReport:
     block_c: int
     num_warps: int
     registers: int
-    spill_store_bytes: int
-    spill_load_bytes: int
+    local_bytes: int  # per thread; spilled registers live here, so non-zero means spills
+    stack_bytes: int
     shared_bytes: int  # Triton's shared memory (the context reduction's tl.dot)
 
 
@@ -110,36 +112,36 @@ def compile_launch(launch, arch: int):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
 
 
-def ptxas_path() -> str:
+def cuobjdump_path() -> str:
+    """The cuobjdump shipped with triton (beside its ptxas)."""
     try:
         from triton import knobs
 
-        return knobs.nvidia.ptxas.path
+        ptxas = knobs.nvidia.ptxas.path
     except (ImportError, AttributeError):  # triton before knobs
         from triton.backends.nvidia.compiler import get_ptxas
 
-        return get_ptxas()
+        ptxas = get_ptxas()
+    ptxas = ptxas[0] if isinstance(ptxas, tuple) else ptxas
+    return os.path.join(os.path.dirname(ptxas), "cuobjdump")
 
 
-def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from ``ptxas -v``."""
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
+def cubin_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, local memory bytes, stack bytes) per thread of the cubin Triton built.
 
+    Read from the cubin itself rather than by re-running ptxas on the PTX: Triton picks its ptxas and
+    options per version (3.9 assembles sm_90 with the Blackwell ptxas), so only the cubin is what runs.
+    Local memory is where spilled registers (and stack arrays) live: non-zero means spills.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        ptx_path = os.path.join(tmp, "kernel.ptx")
-        with open(ptx_path, "w") as f:
-            f.write(ptx)
-        cmd = [ptxas_path(), "-v", f"--gpu-name={sm_arch_from_capability(arch)}", ptx_path, "-o", os.path.join(tmp, "kernel.cubin")]
-        # Triton 3.8 passes --regAllocOptLevel=2 (a ptxas 13 work-around); older ptxas may not know it.
-        run = subprocess.run(cmd[:2] + ["--regAllocOptLevel=2"] + cmd[2:], capture_output=True, text=True)
-        if run.returncode != 0:
-            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        log = run.stderr
-    registers = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if registers is None or spills is None:
-        raise RuntimeError(f"could not read the register report of ptxas:\n{log}")
-    return int(registers[1]), int(spills[1]), int(spills[2])
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        log = subprocess.run([cuobjdump_path(), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", log)
+    if usage is None:
+        raise RuntimeError(f"could not read the resource usage from cuobjdump:\n{log}")
+    return int(usage[1]), int(usage[3]), int(usage[2])
 
 
 def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_last",)) -> list[KernelReport]:
@@ -149,10 +151,10 @@ def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_la
             for name, launch in example_plans(getattr(torch, dtype), LAYOUTS[layout]):
                 for arch in archs:
                     compiled = compile_launch(launch, arch)
-                    registers, spill_stores, spill_loads = ptxas_usage(compiled.asm["ptx"], arch)
+                    registers, local_bytes, stack_bytes = cubin_usage(compiled.asm["cubin"])
                     rows.append(KernelReport(
                         name, arch, dtype, layout, launch.constexprs["BLOCK_P"], launch.constexprs["BLOCK_C"],
-                        launch.num_warps, registers, spill_stores, spill_loads, compiled.metadata.shared,
+                        launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
                     ))
     return rows
 
@@ -171,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
     else:
-        header = f"{'kernel':<18} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} {'warps':>5} {'regs':>5} {'spill st/ld (B)':>15} {'smem (B)':>8}"
+        header = f"{'kernel':<18} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} {'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8}"
         print(header)
         for r in rows:
             print(f"{r.kernel:<18} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} {r.num_warps:>5} "
-                  f"{r.registers:>5} {f'{r.spill_store_bytes}/{r.spill_load_bytes}':>15} {r.shared_bytes:>8}")
-    spilled = [r for r in rows if r.spill_store_bytes or r.spill_load_bytes]
-    return 1 if spilled else 0
+                  f"{r.registers:>5} {r.local_bytes:>9} {r.stack_bytes:>9} {r.shared_bytes:>8}")
+    spilled = [r for r in rows if r.local_bytes]
+    return SPILLED if spilled else 0
 
 
 if __name__ == "__main__":
