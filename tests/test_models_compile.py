@@ -2,7 +2,8 @@
 
 On the CPU the graphs are captured whole (fullgraph=True fails on any graph break) and run through
 AOTAutograd with the ``aot_eager`` backend: Inductor's C++ code generation takes several minutes
-on two cores, beyond the test budget. On a GPU the same test runs with Inductor and the Triton path.
+on two cores, beyond the test budget. The same capture runs with the Triton custom ops (under the
+interpreter), and on a GPU with Inductor and the Triton path.
 """
 
 import copy
@@ -12,6 +13,7 @@ import torch
 
 from alignseg.models import build
 from alignseg.ops import use_backend
+from alignseg.ops.backend import interpreter_enabled, triton_available
 
 
 def _model_and_images(device):
@@ -59,6 +61,17 @@ def test_compile_fullgraph_train_and_eval_on_cpu_reference_path():
     torch._dynamo.reset()
     model, images = _model_and_images("cpu")
     with use_backend("reference"):
+        _check_compiled_matches_eager(model, images, backend="aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (triton_available() and interpreter_enabled()), reason="needs triton with TRITON_INTERPRET=1")
+def test_compile_fullgraph_train_and_eval_on_cpu_triton_path():
+    # The graph Dynamo captures does not depend on the device: the Triton custom ops sit in one graph
+    # with the rest of the network, forward and backward, exactly as on a GPU (here run by the interpreter).
+    torch._dynamo.reset()
+    model, images = _model_and_images("cpu")
+    with use_backend("triton"):
         _check_compiled_matches_eager(model, images, backend="aot_eager")
 
 
