@@ -2,8 +2,8 @@
 
     TRITON_INTERPRET=0 python -m alignseg.kernels.report [--arch 80 90] [--dtype float32 bfloat16] [--json]
 
-Each kernel is compiled as the launchers launch it on a GPU: the launch plans of kernels/align_fa.py
-and kernels/align_cm.py (block sizes from ``GPU_CONFIGS``) over realistic arguments (N=2, C=256,
+Each kernel is compiled as the launchers launch it on a GPU: the launch plans of alignseg/kernels/align_fa.py
+and alignseg/kernels/align_cm.py (block sizes from ``GPU_CONFIGS``) over realistic arguments (N=2, C=256,
 a 128x256 output from a 64x128 coarse map, a 3x3 context; meta tensors, so nothing is allocated),
 with the signature and specialisation Triton's JIT would derive from them (16-byte-aligned pointers,
 strides of 1 as constants). ``cuobjdump`` (shipped with triton) reads registers and local memory

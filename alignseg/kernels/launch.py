@@ -52,7 +52,7 @@ MAX_REDUCED_CELLS = 64
 
 @dataclasses.dataclass(frozen=True)
 class KernelLaunch:
-    """One planned launch: what the launchers run and what kernels/report.py compiles ahead of time."""
+    """One planned launch: what the launchers run and what alignseg/kernels/report.py compiles ahead of time."""
 
     kernel: Any  # a @triton.jit function
     grid: tuple[int, ...]
