@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = 255
+from .data.metainfo import IGNORE_INDEX
 
 
 def _at_least_fp32(t: Tensor) -> Tensor:

@@ -7,9 +7,9 @@
 * :func:`predict_folder` and :func:`render_offsets`, the work behind ``alignseg predict`` and
   ``alignseg offsets``.
 
-Palettes: Cityscapes uses the official colours of its 19 classes. The generic palette is the PASCAL VOC
-bit-interleaving scheme shifted by one, so class 0 is not black; ADE20K uses it for its 150 classes
-(this is not the colour table of the ADE20K toolkit).
+Palettes are facts of the datasets and live in :mod:`alignseg.data.metainfo` (Cityscapes: the official
+colours of its 19 classes; ADE20K and folders: the generic PASCAL VOC bit-interleaving scheme shifted by
+one, so class 0 is not black); they are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,45 +25,22 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .data.metainfo import ADE20K_PALETTE, CITYSCAPES_PALETTE, IGNORE_INDEX, METAINFO, generic_palette  # noqa: F401
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from .evaluation.evaluate import model_device
 from .evaluation.inference import build_inference_mode, infer
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 IGNORE_COLOUR = (0, 0, 0)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-CITYSCAPES_PALETTE = np.array(
-    [
-        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-        (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-        (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-    ],
-    dtype=np.uint8,
-)  # fmt: skip
-
-
-def generic_palette(num_classes: int = 256) -> np.ndarray:
-    """``uint8 [num_classes, 3]``: class ``i`` gets the VOC bit-interleaved colour of ``i + 1``."""
-    palette = np.zeros((num_classes, 3), dtype=np.uint8)
-    for i in range(num_classes):
-        code, colour = i + 1, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                colour[channel] |= ((code >> channel) & 1) << bit
-            code >>= 3
-        palette[i] = colour
-    return palette
-
-
-ADE20K_PALETTE = generic_palette(150)
-PALETTES = {"cityscapes": CITYSCAPES_PALETTE, "ade20k": ADE20K_PALETTE, "generic": generic_palette(255)}
+# Palette names: the datasets' (cityscapes, ade20k, synthetic) and "generic" (255 distinct colours).
+PALETTES = {**{name: meta.palette for name, meta in METAINFO.items()}, "generic": generic_palette(255)}
 
 
 def get_palette(palette: str | np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-    """A palette by name (``cityscapes``, ``ade20k``, ``generic``) or an ``[K, 3]`` array of RGB values."""
+    """A palette by name (``cityscapes``, ``ade20k``, ``synthetic``, ``generic``) or an ``[K, 3]`` array of RGB values."""
     if isinstance(palette, str):
         if palette not in PALETTES:
             raise ValueError(f"palette must be one of {sorted(PALETTES)} or a [K, 3] array, got {palette!r}")

@@ -1,18 +1,29 @@
 """Datasets (Cityscapes, ADE20K, generic folders, synthetic), transforms and loaders.
 
 Every dataset yields ``(image Tensor[3, H, W] float32 normalised, label Tensor[H, W] int64)`` with
-255 = ignore, and has ``files`` (``(image_path, label_path)`` pairs), ``num_classes`` and ``class_names``.
+255 = ignore, and has ``files`` (``(image_path, label_path)`` pairs), ``num_classes``, ``class_names`` and
+``meta`` (its :class:`DatasetMeta`: the facts of :mod:`alignseg.data.metainfo`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .ade20k import ADE20K_CLASSES, ADE20KDataset
-from .base import IGNORE_INDEX, SegmentationDataset, check_label_values
-from .cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_ids_to_train_ids
+from .ade20k import ADE20KDataset
+from .base import SegmentationDataset, check_label_values
+from .cityscapes import CityscapesDataset
+from .convention import IMAGENET_CONVENTION, InputConvention
 from .folder import FolderDataset
 from .loader import build_loader, seed_worker
+from .metainfo import (
+    ADE20K_CLASSES,
+    CITYSCAPES_CLASSES,
+    IGNORE_INDEX,
+    METAINFO,
+    DatasetMeta,
+    cityscapes_ids_to_train_ids,
+    get_metainfo,
+)
 from .synthetic import SYNTHETIC_TRAIN_IDS, make_synthetic_cityscapes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 
@@ -61,8 +72,12 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "CityscapesDataset",
     "DATASETS",
+    "METAINFO",
+    "DatasetMeta",
     "FolderDataset",
+    "InputConvention",
     "IGNORE_INDEX",
+    "IMAGENET_CONVENTION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SYNTHETIC_TRAIN_IDS",
@@ -73,6 +88,7 @@ __all__ = [
     "build_train_transform",
     "check_label_values",
     "cityscapes_ids_to_train_ids",
+    "get_metainfo",
     "make_synthetic_cityscapes",
     "seed_worker",
 ]

@@ -11,27 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import IGNORE_INDEX, PairTransform, SegmentationDataset, report_bad_values
-
-# The benchmark's 150 class names (objectInfo150), shortened to their first synonym.
-ADE20K_CLASSES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
-    "clock", "flag",
-)  # fmt: skip
+from .base import PairTransform, SegmentationDataset, report_bad_values
+from .metainfo import ADE20K_META, ade20k_to_train_ids
 
 _SPLIT_DIRS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -43,8 +24,9 @@ class ADE20KDataset(SegmentationDataset):
     Items are ``(image Tensor[3, H, W] float32, label Tensor[H, W] int64)``, labels in 0..149 or 255.
     """
 
-    num_classes = len(ADE20K_CLASSES)
-    class_names = ADE20K_CLASSES
+    meta = ADE20K_META
+    num_classes = meta.num_classes
+    class_names = meta.classes
 
     def __init__(self, root: str | Path, split: str = "train", transform: PairTransform | None = None):
         if split not in _SPLIT_DIRS:
@@ -71,4 +53,4 @@ class ADE20KDataset(SegmentationDataset):
     def map_label(self, raw: np.ndarray, label_path: Path) -> np.ndarray:
         raw = raw.astype(np.int64)
         report_bad_values(label_path, raw, (raw < 0) | (raw > self.num_classes), f"the ADE20K values 0..{self.num_classes}")
-        return np.where(raw == 0, IGNORE_INDEX, raw - 1)
+        return ade20k_to_train_ids(raw)

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = 255
+from .metainfo import IGNORE_INDEX, DatasetMeta
 
 PairTransform = Callable[[Image.Image, Image.Image], tuple[Tensor, Tensor]]
 
@@ -39,23 +39,16 @@ def check_label_values(label: np.ndarray, num_classes: int, path: str | Path) ->
     report_bad_values(path, label, bad, f"[0, {num_classes}) other than the ignore value {IGNORE_INDEX}")
 
 
-def lookup_table(mapping: dict[int, int], invalid: int = -1) -> np.ndarray:
-    """A 256-entry table from raw 8-bit label values to train ids; unlisted values map to ``invalid``."""
-    table = np.full(256, invalid, dtype=np.int64)
-    for raw, train_id in mapping.items():
-        table[raw] = train_id
-    return table
-
-
 class SegmentationDataset(Dataset):
     """Base class: ``files`` is a list of ``(image_path, label_path)``; items are ``(image, label)`` tensors.
 
-    Subclasses set ``num_classes``, ``class_names``, ``files`` and override :meth:`map_label` (raw label
-    array -> train ids, 255 = ignore). ``transform`` takes ``(PIL image, PIL label)`` and returns
+    Subclasses set ``meta`` (their :class:`~alignseg.data.metainfo.DatasetMeta`), ``num_classes``,
+    ``class_names``, ``files`` and override :meth:`map_label` (raw label array -> train ids, 255 = ignore). ``transform`` takes ``(PIL image, PIL label)`` and returns
     ``(Tensor[3, H, W] float32, Tensor[H, W] int64)``; ``None`` means :func:`build_eval_transform` with
     the ImageNet mean and std.
     """
 
+    meta: DatasetMeta
     num_classes: int
     class_names: Sequence[str]
 

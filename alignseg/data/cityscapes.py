@@ -6,8 +6,9 @@ Layout under ``root``::
     gtFine/{split}/{city}/{name}_gtFine_labelIds.png        (34 label ids, mapped here to 19 train ids)
     gtFine/{split}/{city}/{name}_gtFine_labelTrainIds.png   (optional: used as-is when present)
 
-The id -> train-id table is the one of the official ``cityscapesscripts`` label definition; ids that do
-not take part in the evaluation (void, parking, rail track, ...) become 255 (ignore).
+The id -> train-id table (:mod:`alignseg.data.metainfo`) is the one of the official ``cityscapesscripts``
+label definition; ids that do not take part in the evaluation (void, parking, rail track, ...) become 255
+(ignore).
 """
 
 from __future__ import annotations
@@ -16,34 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import IGNORE_INDEX, PairTransform, SegmentationDataset, lookup_table, report_bad_values
-
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
-
-# Official label id -> train id, for the ids that are evaluated; ids 0..33 not listed are void (255).
-CITYSCAPES_ID_TO_TRAIN_ID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
-_ID_TABLE = lookup_table({**{i: IGNORE_INDEX for i in range(34)}, **CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX: IGNORE_INDEX})
+from .base import PairTransform, SegmentationDataset, report_bad_values
+from .metainfo import CITYSCAPES_META, cityscapes_ids_to_train_ids
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_ID_SUFFIX = "_gtFine_labelIds.png"
 TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
-
-
-def cityscapes_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
-    """Map an array of Cityscapes label ids (0..33) to train ids (0..18, 255 = ignore).
-
-    Values that are not Cityscapes label ids (34..254) map to -1, for the caller to report.
-    """
-    if label_ids.dtype == np.uint8:
-        return _ID_TABLE[label_ids]
-    ids = label_ids.astype(np.int64)  # e.g. a 16-bit PNG
-    return np.where((ids >= 0) & (ids <= 255), _ID_TABLE[np.clip(ids, 0, 255)], -1)
 
 
 class CityscapesDataset(SegmentationDataset):
@@ -54,8 +33,9 @@ class CityscapesDataset(SegmentationDataset):
     exists, else the ``labelIds`` file (mapped on loading).
     """
 
-    num_classes = len(CITYSCAPES_CLASSES)
-    class_names = CITYSCAPES_CLASSES
+    meta = CITYSCAPES_META
+    num_classes = meta.num_classes
+    class_names = meta.classes
 
     def __init__(self, root: str | Path, split: str = "train", transform: PairTransform | None = None):
         self.root = Path(root)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import IGNORE_INDEX, PairTransform, SegmentationDataset
+from .base import PairTransform, SegmentationDataset
+from .metainfo import folder_meta
 
 
 class FolderDataset(SegmentationDataset):
@@ -28,16 +29,13 @@ class FolderDataset(SegmentationDataset):
         transform: PairTransform | None = None,
         class_names: Sequence[str] | None = None,
     ):
-        if not isinstance(num_classes, int) or not 1 <= num_classes < IGNORE_INDEX:
-            raise ValueError(f"num_classes must be an integer in [1, {IGNORE_INDEX}), got {num_classes!r}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names must have num_classes={num_classes} entries, got {len(class_names)}")
+        self.meta = folder_meta(num_classes, class_names)  # checks num_classes and class_names
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
         for name, folder in (("image_dir", self.image_dir), ("mask_dir", self.mask_dir)):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{name} {folder} is not a directory")
-        self.num_classes = num_classes
-        self.class_names = tuple(class_names) if class_names is not None else tuple(f"class_{i}" for i in range(num_classes))
+        self.num_classes = self.meta.num_classes
+        self.class_names = self.meta.classes
         files, missing = [], []
         for image_path in sorted(self.image_dir.rglob(f"*{image_suffix}")):
             relative = image_path.relative_to(self.image_dir)

@@ -20,12 +20,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cityscapes import CITYSCAPES_ID_TO_TRAIN_ID, IMAGE_SUFFIX, LABEL_ID_SUFFIX
+from .cityscapes import IMAGE_SUFFIX, LABEL_ID_SUFFIX
+from .metainfo import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NAME_TO_ID
 
 log = logging.getLogger(__name__)
 
 # Cityscapes label ids used by the generator.
-ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR, EGO_VEHICLE = 7, 8, 11, 17, 21, 23, 24, 26, 1
+ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR, EGO_VEHICLE = (
+    CITYSCAPES_NAME_TO_ID[name]
+    for name in ("road", "sidewalk", "building", "pole", "vegetation", "sky", "person", "car", "ego vehicle")
+)
 SYNTHETIC_LABEL_IDS = (ROAD, SIDEWALK, BUILDING, POLE, VEGETATION, SKY, PERSON, CAR)
 SYNTHETIC_TRAIN_IDS = tuple(sorted(CITYSCAPES_ID_TO_TRAIN_ID[i] for i in SYNTHETIC_LABEL_IDS))
 

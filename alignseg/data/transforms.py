@@ -15,10 +15,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .base import IGNORE_INDEX
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .convention import IMAGENET_MEAN, IMAGENET_STD
+from .metainfo import IGNORE_INDEX
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

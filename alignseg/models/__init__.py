@@ -3,7 +3,7 @@
 from .complexity import complexity, format_model_summary
 from .modules import RRB, AlignCM, AlignFA, OffsetHead, SegHead
 from .network import OFFSET_NAMES, AlignSeg, convert_sync_batchnorm
-from .registry import PRESETS, build, list_models
+from .registry import PRESETS, ModelPreset, build, get_preset, list_models
 from .resnet import ResNetBackbone
 from .weights import BackboneLoadReport, load_backbone_weights
 
@@ -15,6 +15,7 @@ __all__ = [
     "AlignFA",
     "AlignSeg",
     "BackboneLoadReport",
+    "ModelPreset",
     "OffsetHead",
     "ResNetBackbone",
     "SegHead",
@@ -22,6 +23,7 @@ __all__ = [
     "complexity",
     "convert_sync_batchnorm",
     "format_model_summary",
+    "get_preset",
     "list_models",
     "load_backbone_weights",
 ]

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import AlignCM, AlignFA
 from .network import AlignSeg
-from .registry import PRESET_DESCRIPTIONS, build, list_models
+from .registry import PRESETS, build, list_models
 
 _TAPS = 4  # bilinear sampling reads four neighbours
 
@@ -83,5 +83,5 @@ def format_model_summary(
         with torch.device("meta"):
             model = build(name, num_classes, **overrides)
         params, macs = complexity(model, input_size)
-        lines.append(f"{name:<15} {params / 1e6:>8.2f} M {macs / 1e9:>9.2f}  {PRESET_DESCRIPTIONS[name]}")
+        lines.append(f"{name:<15} {params / 1e6:>8.2f} M {macs / 1e9:>9.2f}  {PRESETS[name].description}")
     return "\n".join(lines)

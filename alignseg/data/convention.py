@@ -1,0 +1,83 @@
+"""The input convention of a network: how an RGB uint8 photo becomes the float tensor the weights expect.
+
+A network trained on ImageNet-initialised weights expects the channel order, value scale, mean and std of
+its training; feeding it anything else gives confident nonsense, not an error. :class:`InputConvention`
+records the four facts (as timm's ``default_cfg`` records ``mean``/``std``), applies them
+(:meth:`InputConvention.normalize`) and round-trips through plain dicts, so it can travel in a checkpoint.
+This module imports only torch, so models, data and the API can all use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, in [0, 1] units
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """``normalize(x) = (x[channel_order] * scale - mean) / std``, per channel.
+
+    Attributes:
+        channel_order: ``"RGB"`` or ``"BGR"``: the order the network expects (photos are read as RGB).
+        scale: multiplies the uint8 values first (``1/255`` gives [0, 1]).
+        mean, std: per channel, in the order ``channel_order``, in the units after ``scale``.
+    """
+
+    channel_order: str = "RGB"
+    scale: float = 1 / 255
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.channel_order not in _CHANNEL_ORDERS:
+            raise ValueError(f"channel_order must be one of {_CHANNEL_ORDERS}, got {self.channel_order!r}")
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or not self.scale > 0:
+            raise ValueError(f"scale must be a positive number, got {self.scale!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, (tuple, list)) or len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+                raise ValueError(f"{name} must be 3 numbers, one per channel, got {values!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        object.__setattr__(self, "scale", float(self.scale))
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """``uint8 Tensor[..., 3, H, W]`` RGB -> ``float32 Tensor[..., 3, H, W]`` as the network expects."""
+        if not isinstance(image, Tensor) or image.dtype != torch.uint8:
+            what = image.dtype if isinstance(image, Tensor) else type(image).__name__
+            raise TypeError(f"image must be a uint8 tensor of RGB values 0..255, got {what}")
+        if image.ndim < 3 or image.shape[-3] != 3:
+            raise ValueError(f"image must have shape [..., 3, H, W] (RGB channels first), got {tuple(image.shape)}")
+        x = image.float()
+        if self.channel_order == "BGR":
+            x = x.flip(-3)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        return (x * self.scale - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (str, float, lists), safe for ``torch.save(weights_only=True)``, JSON and YAML."""
+        return {"channel_order": self.channel_order, "scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> InputConvention:
+        """The inverse of :meth:`to_dict`; unknown or missing keys raise ``ValueError`` naming them."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"an input convention must be a mapping, got {type(values).__name__}")
+        expected = {"channel_order", "scale", "mean", "std"}
+        if set(values) != expected:
+            missing, unknown = sorted(expected - set(values)), sorted(set(values) - expected)
+            raise ValueError(f"input convention keys must be {sorted(expected)}: missing {missing}, unknown {unknown}")
+        return cls(values["channel_order"], values["scale"], tuple(values["mean"]), tuple(values["std"]))
+
+
+IMAGENET_CONVENTION = InputConvention()  # RGB, 1/255, ImageNet mean and std: every preset of this project
