@@ -42,7 +42,9 @@ def test_cityscapes_result_holds_label_ids_and_round_trips(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["aachen", path.name]  # no partial file left
     with pytest.raises(FileExistsError, match="not overwriting"):
         write_cityscapes_result(train_ids, "aachen_000000_000019_leftImg8bit.png", tmp_path)
-    write_cityscapes_result(np.zeros((7, 11), np.int64), "aachen_000000_000019_leftImg8bit.png", tmp_path, overwrite=True)
+    write_cityscapes_result(
+        np.zeros((7, 11), np.int64), "aachen_000000_000019_leftImg8bit.png", tmp_path, overwrite=True
+    )
     assert (np.asarray(Image.open(path)) == 7).all()
     with pytest.raises(ValueError, match=r"outside the train ids \[0, 19\)"):
         write_cityscapes_result(np.full((2, 2), IGNORE_INDEX), "aachen_000000_000020_leftImg8bit.png", tmp_path)
@@ -115,6 +117,8 @@ def test_official_cityscapes_evaluator_agrees_with_our_metrics(tmp_path, monkeyp
 
     assert 0.05 < ours.miou < 0.95  # a score that could disagree
     assert result["averageScoreClasses"] == pytest.approx(ours.miou, abs=0.01)
-    for train_id, label in enumerate(sorted((lab for lab in CITYSCAPES_LABELS if lab.train_id != IGNORE_INDEX), key=lambda lab: lab.train_id)):
+    for train_id, label in enumerate(
+        sorted((lab for lab in CITYSCAPES_LABELS if lab.train_id != IGNORE_INDEX), key=lambda lab: lab.train_id)
+    ):
         theirs = result["classScores"][label.name]
         assert np.isnan(theirs) if not ours.present[train_id] else theirs == pytest.approx(ours.iou[train_id], abs=1e-9)

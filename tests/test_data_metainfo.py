@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from alignseg.data import (
+    IMAGENET_CONVENTION,
     ADE20KDataset,
     CityscapesDataset,
     FolderDataset,
-    IMAGENET_CONVENTION,
     InputConvention,
     build_eval_transform,
     get_metainfo,
@@ -24,8 +24,13 @@ CITYSCAPES_KNOWN = {"road": (7, 0, (128, 64, 128)), "sky": (23, 10, (70, 130, 18
 def test_cityscapes_table_matches_the_official_cityscapesscripts_labels():
     labels = pytest.importorskip("cityscapesscripts.helpers.labels")
     official = [lab for lab in labels.labels if lab.id >= 0]
-    ours = [(lab.name, lab.id, lab.train_id, lab.category, lab.has_instances, lab.ignore_in_eval, lab.color) for lab in mi.CITYSCAPES_LABELS]
-    theirs = [(lab.name, lab.id, lab.trainId, lab.category, lab.hasInstances, lab.ignoreInEval, lab.color) for lab in official]
+    ours = [
+        (lab.name, lab.id, lab.train_id, lab.category, lab.has_instances, lab.ignore_in_eval, lab.color)
+        for lab in mi.CITYSCAPES_LABELS
+    ]
+    theirs = [
+        (lab.name, lab.id, lab.trainId, lab.category, lab.hasInstances, lab.ignoreInEval, lab.color) for lab in official
+    ]
     assert ours == theirs
 
 
@@ -60,7 +65,9 @@ def test_ade20k_convention_round_trip():
 
 
 def test_datasets_read_their_facts_from_metainfo(tmp_path):
-    assert CityscapesDataset.meta is get_metainfo("cityscapes") and CityscapesDataset.class_names == mi.CITYSCAPES_CLASSES
+    assert (
+        CityscapesDataset.meta is get_metainfo("cityscapes") and CityscapesDataset.class_names == mi.CITYSCAPES_CLASSES
+    )
     assert ADE20KDataset.meta is get_metainfo("ade20k") and ADE20KDataset.num_classes == 150
     assert get_metainfo("synthetic").classes == mi.CITYSCAPES_CLASSES
     assert get_metainfo("Cityscapes", num_classes=19).ignore_index == 255
@@ -84,9 +91,9 @@ def test_datasets_read_their_facts_from_metainfo(tmp_path):
 def test_input_convention_normalizes_like_the_eval_transform():
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.integers(0, 256, (3, 5, 7), dtype=np.uint8))
-    expected = (image.double() / 255 - torch.tensor(IMAGENET_CONVENTION.mean, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
-        IMAGENET_CONVENTION.std, dtype=torch.float64
-    ).view(3, 1, 1)
+    expected = (
+        image.double() / 255 - torch.tensor(IMAGENET_CONVENTION.mean, dtype=torch.float64).view(3, 1, 1)
+    ) / torch.tensor(IMAGENET_CONVENTION.std, dtype=torch.float64).view(3, 1, 1)
     out = IMAGENET_CONVENTION.normalize(image)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=1e-6)
@@ -125,7 +132,11 @@ def test_model_presets_are_single_records():
     for name, preset in PRESETS.items():
         assert preset.name == name and preset.description and preset.weights
         assert preset.input == IMAGENET_CONVENTION and preset.input.channel_order == "RGB"
-    assert dict(get_preset("alignseg_r101").architecture) == {"depth": 101, "backbone_width": 64, "decoder_channels": 256}
+    assert dict(get_preset("alignseg_r101").architecture) == {
+        "depth": 101,
+        "backbone_width": 64,
+        "decoder_channels": 256,
+    }
     model = build("alignseg_tiny", 3, decoder_channels=8)
     assert model.config["decoder_channels"] == 8 and model.config["backbone_width"] == 16
     with pytest.raises(TypeError):  # the record is read-only

@@ -43,7 +43,11 @@ class InputConvention:
             raise ValueError(f"scale must be a positive number, got {self.scale!r}")
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if not isinstance(values, (tuple, list)) or len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+            if (
+                not isinstance(values, (tuple, list))
+                or len(values) != 3
+                or not all(isinstance(v, (int, float)) for v in values)
+            ):
                 raise ValueError(f"{name} must be 3 numbers, one per channel, got {values!r}")
             object.__setattr__(self, name, tuple(float(v) for v in values))
         if not all(s > 0 for s in self.std):
@@ -66,7 +70,12 @@ class InputConvention:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (str, float, lists), safe for ``torch.save(weights_only=True)``, JSON and YAML."""
-        return {"channel_order": self.channel_order, "scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "channel_order": self.channel_order,
+            "scale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> InputConvention:

@@ -54,14 +54,22 @@ def ade20k_result_path(image_path: str | os.PathLike, output_dir: str | os.PathL
 
 
 def write_cityscapes_result(
-    train_ids: np.ndarray | Tensor, image_path: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
+    train_ids: np.ndarray | Tensor,
+    image_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
 ) -> Path:
     """Write the ``[H, W]`` train-id map (0..18) of ``image_path`` as a label-id PNG; returns its path."""
-    return _write(train_ids_to_cityscapes_ids(_array(train_ids)), cityscapes_result_path(image_path, output_dir), overwrite)
+    return _write(
+        train_ids_to_cityscapes_ids(_array(train_ids)), cityscapes_result_path(image_path, output_dir), overwrite
+    )
 
 
 def write_ade20k_result(
-    train_ids: np.ndarray | Tensor, image_path: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
+    train_ids: np.ndarray | Tensor,
+    image_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
 ) -> Path:
     """Write the ``[H, W]`` train-id map (0..149) of ``image_path`` as an ADE20K PNG (index + 1); returns its path."""
     return _write(train_ids_to_ade20k(_array(train_ids)), ade20k_result_path(image_path, output_dir), overwrite)

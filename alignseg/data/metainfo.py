@@ -95,7 +95,9 @@ def _cityscapes_table() -> tuple[CityscapesLabel, ...]:
 
 
 CITYSCAPES_LABELS = _cityscapes_table()
-_EVALUATED = sorted((label for label in CITYSCAPES_LABELS if label.train_id != IGNORE_INDEX), key=lambda l: l.train_id)
+_EVALUATED = sorted(
+    (label for label in CITYSCAPES_LABELS if label.train_id != IGNORE_INDEX), key=lambda label: label.train_id
+)
 CITYSCAPES_CLASSES = tuple(label.name for label in _EVALUATED)  # train id -> name
 # Label id -> train id for the 19 evaluated ids; every other id 0..33 is void (IGNORE_INDEX).
 CITYSCAPES_ID_TO_TRAIN_ID = {label.id: label.train_id for label in _EVALUATED}
@@ -142,7 +144,10 @@ class DatasetMeta:
 
     def __post_init__(self):
         if self.palette.shape != (len(self.classes), 3) or self.palette.dtype != np.uint8:
-            raise ValueError(f"{self.name}: palette must be uint8 [{len(self.classes)}, 3], got {self.palette.dtype} {self.palette.shape}")
+            raise ValueError(
+                f"{self.name}: palette must be uint8 [{len(self.classes)}, 3], "
+                f"got {self.palette.dtype} {self.palette.shape}"
+            )
         self.palette.setflags(write=False)
 
     @property
@@ -200,7 +205,9 @@ def lookup_table(mapping: dict[int, int], invalid: int = -1) -> np.ndarray:
 
 
 # 256 entries: label id -> train id; ids 0..33 not evaluated and 255 -> IGNORE_INDEX, 34..254 -> -1 (invalid).
-_ID_TO_TRAIN = lookup_table({**{i: IGNORE_INDEX for i in range(34)}, **CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX: IGNORE_INDEX})
+_ID_TO_TRAIN = lookup_table(
+    {**{i: IGNORE_INDEX for i in range(34)}, **CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX: IGNORE_INDEX}
+)
 _TRAIN_TO_ID = np.array(CITYSCAPES_TRAIN_ID_TO_ID, dtype=np.uint8)
 
 
@@ -221,7 +228,9 @@ def _check_train_ids(train_ids: np.ndarray, num_classes: int, what: str) -> np.n
         raise TypeError(f"{what} must hold integer train ids, got dtype {array.dtype}")
     bad = (array < 0) | (array >= num_classes)
     if bad.any():
-        raise ValueError(f"{what} holds values outside the train ids [0, {num_classes}): {np.unique(array[bad])[:10].tolist()}")
+        raise ValueError(
+            f"{what} holds values outside the train ids [0, {num_classes}): {np.unique(array[bad])[:10].tolist()}"
+        )
     return array
 
 

@@ -18,7 +18,9 @@ from .network import AlignSeg
 
 # No weights are downloaded: ImageNet backbone weights come from a local file (config model.pretrained,
 # or train --pretrained), read by alignseg.models.load_backbone_weights.
-_IMAGENET_BACKBONE = "ImageNet ResNet-{depth} backbone from a local file (model.pretrained), deep-stem or torchvision layout"
+_IMAGENET_BACKBONE = (
+    "ImageNet ResNet-{depth} backbone from a local file (model.pretrained), deep-stem or torchvision layout"
+)
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ PRESETS: dict[str, ModelPreset] = {
     for preset in (
         _preset("alignseg_r101", "the paper's network: deep-stem ResNet-101, 256-wide decoder",
                 depth=101, backbone_width=64, decoder_channels=256),
-        _preset("alignseg_r50", "deep-stem ResNet-50, 256-wide decoder", depth=50, backbone_width=64, decoder_channels=256),
-        _preset("alignseg_r18", "deep-stem ResNet-18, 256-wide decoder", depth=18, backbone_width=64, decoder_channels=256),
+        _preset("alignseg_r50", "deep-stem ResNet-50, 256-wide decoder",
+                depth=50, backbone_width=64, decoder_channels=256),
+        _preset("alignseg_r18", "deep-stem ResNet-18, 256-wide decoder",
+                depth=18, backbone_width=64, decoder_channels=256),
         # ResNet-18 layout at a quarter of the width: the same structure, so it exercises every module.
         _preset("alignseg_tiny", "small CPU preset for demos and tests: ResNet-18 layout at width 16, 32-wide decoder",
                 "none: trained from scratch (no ImageNet weights at width 16)",
