@@ -123,7 +123,7 @@ def align_fa(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = 
 
 
 @torch.library.custom_op("alignseg::align_fa_forward", mutates_args=())
-def _align_fa_forward(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool) -> Tensor:
+def _align_fa_forward(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
     require_triton(low.device)
     from alignseg.kernels.align_fa import align_fa_forward
 
@@ -131,13 +131,13 @@ def _align_fa_forward(low: Tensor, high: Tensor, offsets: Tensor, upsample_first
 
 
 @_align_fa_forward.register_fake
-def _(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool) -> Tensor:
+def _(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
     return empty_output(low)
 
 
 @torch.library.custom_op("alignseg::align_fa_backward", mutates_args=())
 def _align_fa_backward(
-    grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool
+    grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     require_triton(low.device)
     from alignseg.kernels.align_fa import align_fa_backward
@@ -146,7 +146,7 @@ def _align_fa_backward(
 
 
 @_align_fa_backward.register_fake
-def _(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(low), torch.empty_like(high), torch.empty_like(offsets)
 
 
