@@ -194,7 +194,7 @@ def plan_align_fa_forward(
     h, w = high.shape[-2:]
     if out is None:
         out = torch.empty_like(low)
-    cfg = launch_config("align_fa_forward", low, config)
+    cfg = launch_config("align_fa_forward_exact" if upsample_first else "align_fa_forward", low, config)
     block_c = channel_block(c, cfg)
     launch = KernelLaunch(
         align_fa_forward_kernel,
@@ -241,7 +241,7 @@ def plan_align_fa_backward(
     grad_high = torch.zeros_like(high, dtype=acc_torch)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
-    cfg = launch_config("align_fa_backward", low, config)
+    cfg = launch_config("align_fa_backward_exact" if upsample_first else "align_fa_backward", low, config)
     launch = KernelLaunch(
         align_fa_backward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), n),
