@@ -5,9 +5,10 @@
   from the coarse map at each in-range warp tap (never stored);
 * ``False`` (the one-step variant): ``out = S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``.
 
-``S``, ``W`` (``S`` of a map as large as the output) and ``U`` are the bilinear rules of :mod:`alignseg.kernels.bilinear`. Every feature tensor is
-addressed through its own (n, c, h, w) strides, so one kernel serves contiguous and channels_last
-maps; channels_last is the fast path (each tap reads contiguous channel vectors).
+``S``, ``W`` (``S`` of a map as large as the output) and ``U`` are the bilinear rules of
+:mod:`alignseg.kernels.bilinear`. Every feature tensor is addressed through its own (n, c, h, w)
+strides, so one kernel serves contiguous and channels_last maps; channels_last is the fast path (each
+tap reads contiguous channel vectors).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from .launch import (
 
 
 # out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low
-# (UPSAMPLE_FIRST: the taps t lie on U(high)'s fine grid and each is U's own 4-tap sum over high). Grid: (pixel blocks, channel blocks, N); a program loads its pixels' four offsets once.
+# (UPSAMPLE_FIRST: the taps t lie on U(high)'s fine grid and each is U's own 4-tap sum over high).
+# Grid: (pixel blocks, channel blocks, N); a program loads its pixels' four offsets once.
 @triton.jit
 def align_fa_forward_kernel(
     out_ptr,  # [N, C, H, W] output, low's memory format
@@ -70,16 +72,18 @@ def align_fa_forward_kernel(
 
     sx_high = align_corners_scale(w, W, high_scale_x, ACC_DTYPE)
     sy_high = align_corners_scale(h, H, high_scale_y, ACC_DTYPE)
+    if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
+        sx_warp, sy_warp, warp_h, warp_w = unit_scale(W, ACC_DTYPE), unit_scale(H, ACC_DTYPE), H, W
+    else:
+        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
+    x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               sx_warp, warp_w)
+    y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               sy_warp, warp_h)
     if UPSAMPLE_FIRST:
-        x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                   unit_scale(W, ACC_DTYPE), W)
-        y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                   unit_scale(H, ACC_DTYPE), H)
         acc = upsampled_sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
                                     x0, y0, fx, fy, H, W, sx_high, sy_high, h, w, mask_p, mask_c)
     else:
-        x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_high, w)
-        y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_high, h)
         acc = sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
                           x0, y0, fx, fy, h, w, mask_p, mask_c)
 

@@ -9,8 +9,9 @@ height)::
 
 ``bilinear`` weighs the four integer neighbours of (y, x); a neighbour outside the map contributes
 zero. This is ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)``, and with
-d = 0 it is ``F.interpolate(mode="bilinear", align_corners=True)``: a coarse source is upsampled and
-shifted in one step, without materialising the upsampled map.
+d = 0 it is ``F.interpolate(mode="bilinear", align_corners=True)``. AlignCM and the one-step AlignFA
+variant sample a coarse source with ``S`` directly; the default AlignFA warps its upsampled map
+(:mod:`alignseg.ops.align_fa`).
 
 Non-finite positions: a NaN coordinate gives zero (as if it lay outside the map) and receives no
 gradient; +-inf lie outside the map and give zero. Coordinates are clamped to [-2, size + 1] before
