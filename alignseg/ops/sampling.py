@@ -86,8 +86,9 @@ def sample_grid_sample(src: Tensor, offsets: Tensor) -> Tensor:
 
     def normalised(position: Tensor, size: int) -> Tensor:
         # align_corners=True maps -1 and 1 to the centres of the first and last source pixel; a
-        # source of size 1 is sampled at its only pixel whatever the grid value (masked below).
-        return position * (2.0 / (size - 1)) - 1.0 if size > 1 else torch.zeros_like(position)
+        # source of size 1 is sampled at its only pixel whatever the grid value (masked below). The
+        # product keeps the offsets in the graph: their gradient is zero there, as in the reference.
+        return position * (2.0 / (size - 1)) - 1.0 if size > 1 else position * 0.0
 
     grid = torch.stack((normalised(x, w), normalised(y, h)), dim=-1)
     out = F.grid_sample(src.to(compute), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
