@@ -3,13 +3,15 @@
 The released AlignSeg code first upsamples the coarse map to the output size with
 ``F.interpolate(bilinear, align_corners=True)``, then warps each full-size map with ``F.grid_sample``
 at the base grid plus the learned offsets, and adds. This materialises the upsampled map and runs
-two ``grid_sample`` calls (forward and backward); the library's ops sample the coarse map directly.
+two ``grid_sample`` calls (forward and backward).
 
-Where every source-to-output scale ``(H - 1) / (h - 1)`` is a whole number, each output pixel cell lies
-inside one source cell, and bilinear sampling of the bilinear upsampling equals bilinear sampling of
-the source: the two formulations then give the same numbers for offsets that stay inside the map
-(bench tests check this against the library reference). Elsewhere they differ slightly (an
-interpolation of an interpolation), which does not matter for timing.
+AlignFA: the library's default ``align_fa`` (``upsample_first=True``) computes this same function,
+fused, without the upsampled map, so the two agree at every scale. The one-step variant
+(``upsample_first=False``) and the library's ``align_cm`` sample the coarse map directly: where every
+source-to-output scale ``(H - 1) / (h - 1)`` is a whole number, each output pixel cell lies inside
+one source cell, and bilinear sampling of the bilinear upsampling equals bilinear sampling of the
+source, so the authors' form then matches them for offsets that stay inside the map (bench tests
+check this against the library reference); elsewhere it is another function.
 
 ``grid_sample`` needs its grid in the features' dtype, so in bf16 the sampling positions themselves
 are rounded to bf16 (a pixel position near 200 is then off by up to half a pixel): one more reason
@@ -51,5 +53,6 @@ def align_cm_authors(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
 
 
 def authors_formulation_is_exact(out_hw: tuple[int, int], src_hw: tuple[int, int]) -> bool:
-    """True when every (out - 1) / (src - 1) is a whole number (or the source is one pixel wide)."""
+    """True when every (out - 1) / (src - 1) is a whole number (or the source is one pixel wide): there the
+    authors' upsample-then-sample equals sampling the source directly (align_cm, one-step align_fa)."""
     return all(src == 1 or (out - 1) % (src - 1) == 0 for out, src in zip(out_hw, src_hw))

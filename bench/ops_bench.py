@@ -2,7 +2,10 @@
 
 Providers (all compute the same math):
 
-* ``triton``: the library ops on the Triton backend (ours);
+* ``triton``: the library ops on the Triton backend (ours; ``align_fa`` in its default exact form,
+  upsample-then-warp fused);
+* ``one_step``: ``align_fa(..., upsample_first=False)`` on the Triton backend, the one-step variant
+  (a different function, checked against its own reference; align_fa only);
 * ``reference``: the library's eager reference (``align_fa_reference`` / ``align_cm_reference``);
 * ``authors``: the authors' formulation (:mod:`bench.baselines`: upsample, two ``grid_sample``, add);
 * ``compiled``: ``torch.compile`` of the library reference (static shapes, recompiled per shape).
@@ -15,6 +18,7 @@ are compared with the reference evaluated in float64 on the same inputs and outp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,14 +32,16 @@ from bench.shapes import MODES, OpCase, flops, min_bytes
 from alignseg.ops import align_cm, align_cm_reference, align_fa, align_fa_reference, use_backend
 from alignseg.ops.sampling import _align_corners_scale
 
-PROVIDERS = ("triton", "reference", "authors", "compiled")
-BASELINES = ("reference", "authors", "compiled")
+PROVIDERS = ("triton", "one_step", "reference", "authors", "compiled")
+BASELINES = ("one_step", "reference", "authors", "compiled")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 _PUBLIC = {"align_fa": align_fa, "align_cm": align_cm}
 _REFERENCE = {"align_fa": align_fa_reference, "align_cm": align_cm_reference}
 _AUTHORS = {"align_fa": align_fa_authors, "align_cm": align_cm_authors}
+_ONE_STEP = {"align_fa": functools.partial(align_fa, upsample_first=False)}
+_ONE_STEP_REFERENCE = {"align_fa": functools.partial(align_fa_reference, upsample_first=False)}
 
 # Largest error allowed against the float64 reference, relative to the largest magnitude of the
 # float64 result: fp32 providers must match closely; bf16 ones may be a few bf16 roundings off
@@ -57,7 +63,8 @@ def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, d
     """Random features and realistic offsets (a pixel or two, float32, in the features' memory format).
 
     Every sampling position stays inside its map, short of the last row and column, and at least
-    ``KNOT_MARGIN`` source pixels from a whole-pixel position in each axis. At a whole pixel the
+    ``KNOT_MARGIN`` source pixels from a whole-pixel position in each axis, both of the source (the
+    one-step form's knots) and of the output grid (the exact form's). At a whole pixel the
     gradient with respect to the offset is one-sided by convention, so two correct implementations
     whose positions differ in the last bit (a GPU's fast fp32 division, a fused multiply-add) could
     pick opposite sides there, and the comparison would flag a difference that is no error.
@@ -73,15 +80,19 @@ def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, d
         return normal(n, c, h, w).to(dtype).contiguous(memory_format=layout).requires_grad_()
 
     def away_from_knots(index: torch.Tensor, shift: torch.Tensor, out_size: int, src_size: int) -> torch.Tensor:
-        scale = _align_corners_scale(src_size, out_size)
-        if scale == 0:  # a one-pixel map: every position samples it alike
-            return shift
         # Inside the output grid, short of its last line: the one-sided derivative there would read
         # the zero padding, where the authors' formulation legitimately differs from the others.
-        position = (index + shift).clamp(0, out_size - 1.001) * scale
+        position = (index + shift).clamp(0, out_size - 1.001)
+        scale = _align_corners_scale(src_size, out_size)
+        if scale != 0:  # off the whole pixels of the source (the one-step form samples it directly)
+            source = position * scale
+            whole = source.floor()
+            position = (whole + (source - whole).clamp(2 * KNOT_MARGIN, 1 - 2 * KNOT_MARGIN)) / scale
+        # ... and of the output grid (the exact form warps there): a nudge of at most KNOT_MARGIN output
+        # pixels, at most as many source pixels, keeps the margin above.
         whole = position.floor()
         position = whole + (position - whole).clamp(KNOT_MARGIN, 1 - KNOT_MARGIN)
-        return position / scale - index
+        return position - index
 
     def offsets(src_sizes: list[tuple[int, int]]) -> torch.Tensor:
         d = 1.5 * normal(n, 2 * len(src_sizes), oh, ow)
@@ -109,9 +120,12 @@ def _on_triton(public: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 
 def provider_fn(op: str, provider: str, compile_backend: str = "inductor") -> Callable[..., torch.Tensor]:
-    """The callable a provider times for ``op``. ``compiled`` gives a fresh static-shape compile."""
+    """The callable a provider times for ``op`` (None where it does not apply: ``one_step`` of align_cm).
+    ``compiled`` gives a fresh static-shape compile."""
     if provider == "triton":
         return _on_triton(_PUBLIC[op])
+    if provider == "one_step":
+        return _on_triton(_ONE_STEP[op]) if op in _ONE_STEP else None
     if provider == "reference":
         return _REFERENCE[op]
     if provider == "authors":
@@ -144,27 +158,35 @@ def check_agreement(
     """Compare output and every gradient of each provider with the float64 reference.
 
     Returns, per provider, ``{"ok": bool | None, "max_rel_err": float | None, "worst": str, "note": str}``;
-    ``ok`` is None where the comparison does not apply (the authors' formulation only matches on
-    whole-number scales and in fp32: see :mod:`bench.baselines`).
+    ``ok`` is None where the comparison does not apply (the authors' formulation runs its grid in the
+    features' dtype, and its align_cm only matches on whole-number scales: see :mod:`bench.baselines`).
+    The ``one_step`` provider is compared with its own reference (``upsample_first=False``).
     """
     exact64 = [a.detach().double().requires_grad_() for a in inputs.args]
     oracle = OpInputs(exact64, inputs.grad_out.double(), inputs.names)
-    ref_out, ref_grads = forward_backward(_REFERENCE[case.op], oracle)
-    targets = [("out", ref_out)] + [(f"grad_{name}", g) for name, g in zip(inputs.names, ref_grads)]
+    references = {"default": _REFERENCE[case.op]}
+    if "one_step" in fns:
+        references["one_step"] = _ONE_STEP_REFERENCE[case.op]
 
-    def errors(fn: Callable[..., torch.Tensor]) -> list[tuple[float, str]]:
+    def errors(fn: Callable[..., torch.Tensor], targets: list[tuple[str, torch.Tensor]]) -> list[tuple[float, str]]:
         out, grads = forward_backward(fn, inputs)
         return [(_relative_error(x, ref), name) for x, (name, ref) in zip([out, *grads], targets)]
 
-    own_error = max(errors(_REFERENCE[case.op]))[0]  # the eager reference at this dtype
-    allowed = max(TOLERANCE[dtype], 3 * own_error)
+    checks = {}
+    for form, reference in references.items():
+        ref_out, ref_grads = forward_backward(reference, oracle)
+        targets = [("out", ref_out)] + [(f"grad_{name}", g) for name, g in zip(inputs.names, ref_grads)]
+        own_error = max(errors(reference, targets))[0]  # the eager reference at this dtype
+        checks[form] = targets, max(TOLERANCE[dtype], 3 * own_error)
     report = {}
     for provider, fn in fns.items():
-        if provider == "authors" and not (dtype == torch.float32 and authors_formulation_is_exact(case.out_hw, case.src_hw)):
+        comparable = dtype == torch.float32 and (case.op == "align_fa" or authors_formulation_is_exact(case.out_hw, case.src_hw))
+        if provider == "authors" and not comparable:
             why = "bf16 grid" if dtype != torch.float32 else "scale not a whole number"
             report[provider] = {"ok": None, "max_rel_err": None, "worst": "", "note": f"not comparable ({why})"}
             continue
-        err, worst = max(errors(fn))
+        targets, allowed = checks["one_step" if provider == "one_step" else "default"]
+        err, worst = max(errors(fn, targets))
         report[provider] = {"ok": err <= allowed, "max_rel_err": err, "worst": worst, "note": f"allowed {allowed:.1e}"}
     return report
 
@@ -204,7 +226,7 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
     dtype, layout = DTYPES[dtype_name], LAYOUTS[layout_name]
     inputs = make_inputs(case, dtype, layout, common.device())
     torch._dynamo.reset()  # a fresh static compile per shape, and no recompile limit to run into
-    fns = {p: provider_fn(case.op, p, compile_backend) for p in providers}
+    fns = {p: fn for p in providers if (fn := provider_fn(case.op, p, compile_backend)) is not None}
     agreement = check_agreement(case, inputs, fns, dtype)
     element_bytes = torch.finfo(dtype).bits // 8
     rows = []
@@ -228,7 +250,7 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
                     "ms_p20": p20,
                     "ms_p80": p80,
                     "min_bytes": nbytes,
-                    "flops": flops(case, mode),
+                    "flops": flops(case, mode, upsample_first=provider != "one_step"),
                     "gbs": gbs,
                     "frac_of_copy": gbs / copy_gbs if copy_gbs else None,
                     "floor_ms": nbytes / (copy_gbs * 1e9) * 1e3 if copy_gbs else None,
@@ -302,6 +324,7 @@ TABLE_COLUMNS = (
     ("% copy", "pct_copy", ".0f"),
     ("floor ms", "floor_ms", ".3f"),
     ("x authors", "x_vs_authors", ".2f"),
+    ("x one-step", "x_vs_one_step", ".2f"),
     ("x compiled", "x_vs_compiled", ".2f"),
     ("x reference", "x_vs_reference", ".2f"),
     ("peak MiB", "peak_mib", ".1f"),

@@ -23,10 +23,18 @@ CM bwd      read grad_out, context, offsets; write grad_context,       e*(M + 2m
 full        fwd + bwd (each pass must touch its own tensors)
 ==========  =======================================================  =========================
 
+The AlignFA rows hold for both forms of ``align_fa``: the exact (default) form evaluates the upsampled
+map ``U(high)`` from ``high`` inside the kernel, so it moves no more than the one-step form. The
+authors' chain stores U (M elements) and reads it back in each pass, and its gradient likewise in the
+backward: :func:`upsampled_map_bytes` counts that extra traffic (a lower bound; its intermediate
+outputs and grids come on top).
+
 FLOPs count the per-channel work only (the per-pixel coordinate and weight arithmetic is shared
 by all C channels and negligible at C = 256): a bilinear sample is 4 multiply-adds (8 FLOPs); its
 backward scatters 4 products (8) and forms the two position derivatives from the 4 taps (8).
-Every op here does far below 1 FLOP per byte, so all of them are bound by memory bandwidth.
+The exact form of AlignFA evaluates U(high) at each of the 4 warp taps (4 x 8), then warps (8):
+40 FLOPs for ``high`` forward; backward it recomputes those U values (32), forms the two
+derivatives (8) and scatters into 16 coarse taps (32): 72.
 """
 
 from __future__ import annotations
@@ -140,12 +148,24 @@ def min_bytes(case: OpCase, mode: str, element_bytes: int) -> int:
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
-def flops(case: OpCase, mode: str) -> int:
-    """Floating-point operations of ``mode`` of ``case``, per-channel work only (module docstring)."""
+def upsampled_map_bytes(case: OpCase, mode: str, element_bytes: int) -> int:
+    """The bytes the authors' chain spends on the stored upsampled map (fwd: write U, read it; bwd: write
+    its gradient, read it), which the fused ops never move. Same formula for AlignCM's context."""
+    out_elems, _, _ = _counts(case)
+    per_pass = 2 * element_bytes * out_elems
+    return {"fwd": per_pass, "bwd": per_pass, "full": 2 * per_pass}[mode]
+
+
+def flops(case: OpCase, mode: str, upsample_first: bool = True) -> int:
+    """Floating-point operations of ``mode`` of ``case``, per-channel work only (module docstring);
+    ``upsample_first`` picks align_fa's exact form (default) or its one-step form."""
     out_elems, _, _ = _counts(case)
     samples = 2 if case.op == "align_fa" else 1  # bilinear samples per output element
     fwd = out_elems * (8 * samples + 1)  # + the sum of the two samples, or of sample and local
     bwd = out_elems * 16 * samples
+    if case.op == "align_fa" and upsample_first:  # high's sample of U(high): see the module docstring
+        fwd += out_elems * (40 - 8)
+        bwd += out_elems * (72 - 16)
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 

@@ -72,14 +72,16 @@ def test_min_bytes_counts_the_tensors_each_pass_touches(case, dtype):
     assert min_bytes(case, "full", element) == forward + backward
 
 
-def test_authors_formulation_differs_where_the_scale_is_fractional():
+def test_authors_formulation_is_the_exact_form_and_the_one_step_form_only_on_whole_scales():
     # 13 -> 5 columns: (13 - 1) / (5 - 1) = 3 exactly; 13 -> 6: 12 / 5 is fractional.
     exact, fractional = OpCase("align_fa", "t", "t", 2, 3, (9, 13), (5, 5)), OpCase("align_fa", "t", "t", 2, 3, (9, 13), (5, 6))
     assert authors_formulation_is_exact(exact.out_hw, exact.src_hw)
     assert not authors_formulation_is_exact(fractional.out_hw, fractional.src_hw)
     for case, close in ((exact, True), (fractional, False)):
         low, high, offsets = (a.detach() for a in make_inputs(case, torch.float32, torch.contiguous_format, torch.device("cpu")).args)
-        error = (align_fa_authors(low, high, offsets) - align_fa_reference(low, high, offsets)).abs().max().item()
+        authors = align_fa_authors(low, high, offsets)
+        assert (authors - align_fa_reference(low, high, offsets)).abs().max().item() < 1e-5  # the default form
+        error = (authors - align_fa_reference(low, high, offsets, upsample_first=False)).abs().max().item()
         assert (error < 1e-5) == close, error
 
 
@@ -98,6 +100,9 @@ def test_offsets_keep_positions_inside_the_maps_and_off_whole_pixels(case):
             position = (index + offsets[:, 2 * pair + axis]) * (src_size - 1) / (out_size - 1)
             fraction = position - position.floor()
             assert position.min() > 0 and position.max() < src_size - 1
+            assert fraction.min() > KNOT_MARGIN / 2 and fraction.max() < 1 - KNOT_MARGIN / 2
+            on_output = index + offsets[:, 2 * pair + axis]  # where the exact form's warp samples
+            fraction = on_output - on_output.floor()
             assert fraction.min() > KNOT_MARGIN / 2 and fraction.max() < 1 - KNOT_MARGIN / 2
             assert offsets[:, 2 * pair + axis].abs().max() > 0.5  # the offsets do move the samples
 

@@ -25,6 +25,8 @@ def test_provider_agrees_with_float64_reference_then_time_it(benchmark, case, dt
     torch._dynamo.reset()
     inputs = make_inputs(case, DTYPES[dtype_name], LAYOUTS[layout_name], common.device())
     fn = provider_fn(case.op, provider, COMPILE_BACKEND)
+    if fn is None:
+        pytest.skip(f"{provider} does not apply to {case.op}")
     report = check_agreement(case, inputs, {provider: fn}, DTYPES[dtype_name])[provider]
     if provider == "authors" and dtype_name == "bf16":
         assert report["ok"] is None  # grid_sample rounds the positions to bf16: not the same math
@@ -46,4 +48,4 @@ def test_every_provider_agrees_at_the_model_shapes_on_gpu(case):
     rows = bench_config(case, "bf16", "channels_last", modes=("full",), copy_gbs=None, rep_ms=10)
     failed = [f"{r['provider']}: {r['check_note']}" for r in rows if r["agrees"] is False]
     assert not failed, failed
-    assert {r["provider"] for r in rows} == set(PROVIDERS)
+    assert {r["provider"] for r in rows} == set(PROVIDERS) - ({"one_step"} if case.op == "align_cm" else set())

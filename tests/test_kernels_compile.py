@@ -17,7 +17,8 @@ from alignseg.ops.backend import triton_available
 
 pytestmark = [pytest.mark.skipif(not triton_available(), reason="needs triton"), pytest.mark.slow]
 
-KERNELS = {"align_fa_forward", "align_fa_backward", "align_cm_forward", "align_cm_backward"}
+KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step", "align_fa_backward_one_step",
+           "align_cm_forward", "align_cm_backward"}
 
 
 def start_report(*args: str) -> subprocess.Popen:
@@ -42,6 +43,6 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
         for layout in ("channels_last", "contiguous"):
             assert {k for k, a, d, lay in compiled if a == arch and d == "float32" and lay == layout} == KERNELS
     assert {k for k, a, d, _ in compiled if a == 90 and d == "bfloat16"} == KERNELS
-    spilled = [r for r in rows if r["local_bytes"]]
+    spilled = [r for r in rows if r["local_bytes"] or r["stack_bytes"]]
     assert not spilled, f"register spills: {spilled}"
     assert all(0 < r["registers"] <= 255 for r in rows)

@@ -5,6 +5,7 @@ the interpreter's large blocks; a few tests force small blocks to cover block ed
 """
 
 import dataclasses
+import functools
 import os
 import shutil
 from collections.abc import Callable
@@ -29,6 +30,11 @@ class Op:
     offset_channels: int
     forward_op: str
     backward_op: str
+    extra_args: tuple = ()  # trailing non-tensor arguments of the custom ops (align_fa's upsample_first)
+
+    @property
+    def is_fa(self) -> bool:
+        return self.offset_channels == 4
 
     def inputs(self, n, c, out_h, out_w, src_h, src_w, scale=2.0, dtype=torch.float32, layout=torch.contiguous_format,
                device="cpu"):
@@ -36,14 +42,18 @@ class Op:
         fine = torch.randn(n, c, out_h, out_w, device=device).to(dtype).contiguous(memory_format=layout)
         source = torch.randn(n, c, src_h, src_w, device=device).to(dtype).contiguous(memory_format=layout)
         offsets = (torch.randn(n, self.offset_channels, out_h, out_w, device=device) * scale + 0.1).to(dtype)
-        if self.name == "align_fa":
+        if self.is_fa:
             return [fine, source, offsets]
         return [source, offsets, fine]
 
 
-FA = Op("align_fa", align_fa, align_fa_reference, 4, "alignseg::align_fa_forward", "alignseg::align_fa_backward")
+FA = Op("align_fa", align_fa, align_fa_reference, 4, "alignseg::align_fa_forward", "alignseg::align_fa_backward", (True,))
+# The one-step variant (upsample_first=False): the same kernels with the other constexpr.
+FA_ONE_STEP = Op("align_fa_one_step", functools.partial(align_fa, upsample_first=False),
+                 functools.partial(align_fa_reference, upsample_first=False), 4,
+                 "alignseg::align_fa_forward", "alignseg::align_fa_backward", (False,))
 CM = Op("align_cm", align_cm, align_cm_reference, 2, "alignseg::align_cm_forward", "alignseg::align_cm_backward")
-OPS = [pytest.param(FA, id="align_fa"), pytest.param(CM, id="align_cm")]
+OPS = [pytest.param(FA, id="align_fa"), pytest.param(FA_ONE_STEP, id="align_fa_one_step"), pytest.param(CM, id="align_cm")]
 
 # (N, C, H, W, source h, w): odd sizes, coarse and equal-size sources, H = 1, W = 1, a 1x1 source,
 # C above the interpreter's channel block (two blocks), H*W above its pixel block.
@@ -89,7 +99,7 @@ def test_kernels_match_reference_fp32(op, shape, layout):
 @pytest.mark.parametrize("op", OPS)
 def test_kernels_offset_regimes(op, regime):
     inputs = op.inputs(2, 3, 6, 7, 4, 3)
-    offsets = inputs[2 if op is FA else 1]
+    offsets = inputs[2 if op.is_fa else 1]
     if regime == "zero":
         offsets.zero_()
     elif regime == "far-outside":
@@ -132,7 +142,7 @@ def test_align_cm_large_context_scatters():
 def test_kernels_low_precision(op, dtype, offsets_dtype):
     """Error vs an fp64 oracle at most twice the reference's own error at that precision, plus an ulp."""
     inputs = op.inputs(2, 6, 7, 9, 4, 5, dtype=dtype, layout=torch.channels_last)
-    k = 2 if op is FA else 1
+    k = 2 if op.is_fa else 1
     if offsets_dtype == "float32":
         inputs[k] = inputs[k].float()
     grad_output = torch.randn(2, 6, 7, 9).to(dtype)
@@ -159,18 +169,19 @@ def test_kernels_write_every_element(op):
     ref_out = op.reference(*inputs)
     grad_output = torch.randn_like(ref_out)
     out = torch.full_like(ref_out, float("nan"))
-    offsets = inputs[2 if op is FA else 1]
+    offsets = inputs[2 if op.is_fa else 1]
     grad_offsets = torch.full_like(offsets, float("nan"))
-    if op is FA:
-        align_fa_forward(*inputs, out=out, config=small)
-        grads = align_fa_backward(grad_output, *inputs, grad_offsets=grad_offsets, config=small)
+    if op.is_fa:
+        align_fa_forward(*inputs, out=out, config=small, upsample_first=op.extra_args[0])
+        grads = align_fa_backward(grad_output, *inputs, grad_offsets=grad_offsets, config=small,
+                                  upsample_first=op.extra_args[0])
     else:
         align_cm_forward(*inputs, out=out, config=small)
         grads = align_cm_backward(grad_output, *inputs[:2], grad_offsets=grad_offsets, config=small)
     assert not out.isnan().any() and not grad_offsets.isnan().any()
     torch.testing.assert_close(out, ref_out)
     _, ref_grads = run_with_grads(op.reference, inputs, grad_output)
-    order = [0, 1, 2] if op is FA else [0, 1]
+    order = [0, 1, 2] if op.is_fa else [0, 1]
     for got, i in zip(grads, order):
         torch.testing.assert_close(got, ref_grads[i], atol=1e-4, rtol=1e-5)
 
@@ -191,16 +202,16 @@ def test_custom_ops_opcheck(op):
     examples[0] = [t.requires_grad_(True) for t in examples[0]]
     # Non-contiguous offsets: a slice of a wider tensor.
     sliced = op.inputs(1, 2, 4, 5, 2, 2)
-    k = 2 if op is FA else 1
+    k = 2 if op.is_fa else 1
     sliced[k] = torch.randn(1, op.offset_channels + 2, 4, 5)[:, 1:-1]
     examples.append(sliced)
-    forward = torch.ops.alignseg.align_fa_forward if op is FA else torch.ops.alignseg.align_cm_forward
+    forward = torch.ops.alignseg.align_fa_forward if op.is_fa else torch.ops.alignseg.align_cm_forward
     for args in examples:
-        torch.library.opcheck(forward, args)
+        torch.library.opcheck(forward, [*args, *op.extra_args])
     inputs = examples[1]
     grad = torch.randn(op.reference(*inputs).shape, dtype=torch.float64)
-    if op is FA:
-        torch.library.opcheck(torch.ops.alignseg.align_fa_backward, [grad, *inputs])
+    if op.is_fa:
+        torch.library.opcheck(torch.ops.alignseg.align_fa_backward, [grad, *inputs, *op.extra_args])
     else:
         torch.library.opcheck(torch.ops.alignseg.align_cm_backward, [grad, *inputs[:2]])
 
@@ -234,7 +245,7 @@ def test_compile_fullgraph_forward_and_backward():
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("op", OPS)
 def test_gpu_kernels_match_reference_fp32(op, layout):
-    shape = (2, 96, 65, 129, 33, 65) if op is FA else (2, 96, 65, 129, 3, 3)
+    shape = (2, 96, 65, 129, 33, 65) if op.is_fa else (2, 96, 65, 129, 3, 3)
     inputs = op.inputs(*shape, layout=layout, device="cuda")
     grad_output = torch.randn(op.reference(*inputs).shape, device="cuda")
     with use_backend("triton"):
@@ -249,7 +260,7 @@ def test_gpu_kernels_match_reference_fp32(op, layout):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("op", OPS)
 def test_gpu_kernels_low_precision(op, dtype):
-    shape = (2, 256, 64, 128, 32, 64) if op is FA else (2, 256, 64, 128, 3, 3)
+    shape = (2, 256, 64, 128, 32, 64) if op.is_fa else (2, 256, 64, 128, 3, 3)
     inputs = op.inputs(*shape, dtype=dtype, layout=torch.channels_last, device="cuda")
     grad_output = torch.randn(op.reference(*inputs).shape, device="cuda").to(dtype)
     with use_backend("triton"):

@@ -35,9 +35,12 @@ def randomise_offset_predictors(module, std=0.5):
                 p.normal_(0, std)
 
 
-@pytest.mark.parametrize("upsample_high_first", [False, True])
-def test_align_fa_at_construction_is_bilinear_upsample_plus_sum(upsample_high_first):
-    module = AlignFA(8, nn.BatchNorm2d, ACT, upsample_high_first=upsample_high_first)
+FA_FORMS = [dict(form="exact"), dict(form="one_step"), dict(upsample_high_first=True)]
+
+
+@pytest.mark.parametrize("kwargs", FA_FORMS, ids=["exact", "one_step", "upsample_high_first"])
+def test_align_fa_at_construction_is_bilinear_upsample_plus_sum(kwargs):
+    module = AlignFA(8, nn.BatchNorm2d, ACT, **kwargs)
     low, high = torch.randn(2, 8, 13, 17), torch.randn(2, 8, 5, 7)
     out, offsets = module(low, high, return_offsets=True)
     assert offsets.shape == (2, 4, 13, 17)
@@ -55,31 +58,43 @@ def test_align_cm_at_construction_is_upsampled_context_plus_local():
     torch.testing.assert_close(out, upsample(context, (7, 9)) + module.local(x))
 
 
-def test_align_fa_split_and_concat_forms_agree_with_the_same_weights():
-    split = AlignFA(8, nn.BatchNorm2d, ACT, hidden=6, upsample_high_first=False)
-    concat = AlignFA(8, nn.BatchNorm2d, ACT, hidden=6, upsample_high_first=True)
-    randomise_offset_predictors(split)
-    for p in split.parameters():  # non-trivial norm parameters too
+def test_align_fa_forms_with_the_same_weights():
+    exact = AlignFA(8, nn.BatchNorm2d, ACT, hidden=6)
+    one_step = AlignFA(8, nn.BatchNorm2d, ACT, hidden=6, form="one_step")
+    literal = AlignFA(8, nn.BatchNorm2d, ACT, hidden=6, upsample_high_first=True)
+    assert exact.form == "exact" and not exact.upsample_high_first  # the default: fused, split offset heads
+    randomise_offset_predictors(exact)
+    for p in exact.parameters():  # non-trivial norm parameters too
         if p.dim() == 1:
             with torch.no_grad():
                 p.uniform_(0.5, 1.5)
-    concat.load_state_dict(split.state_dict())  # one checkpoint serves both forms
+    one_step.load_state_dict(exact.state_dict())  # one checkpoint serves every form
+    literal.load_state_dict(exact.state_dict())
     low, high = torch.randn(2, 8, 13, 17), torch.randn(2, 8, 5, 7)
 
-    out_split, off_split = split(low, high, return_offsets=True)
-    out_concat, off_concat = concat(low, high, return_offsets=True)
-    assert off_split.abs().mean() > 0.05  # the test is about non-zero offsets
-    torch.testing.assert_close(off_split, off_concat, atol=1e-5, rtol=1e-5)
+    out_exact, off_exact = exact(low, high, return_offsets=True)
+    out_one_step, off_one_step = one_step(low, high, return_offsets=True)
+    out_literal, off_literal = literal(low, high, return_offsets=True)
+    assert off_exact.abs().mean() > 0.05  # the test is about non-zero offsets
+    torch.testing.assert_close(off_exact, off_literal, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off_exact, off_one_step)
 
-    # The default form warps the coarse map directly; the authors' form warps its upsampled copy.
-    d = off_split.detach()
-    torch.testing.assert_close(
-        out_split, shifted(high, d[:, 0:2], (13, 17)) + shifted(low, d[:, 2:4], (13, 17)), atol=1e-5, rtol=1e-5
-    )
-    torch.testing.assert_close(
-        out_concat, shifted(upsample(high, (13, 17)), d[:, 0:2], (13, 17)) + shifted(low, d[:, 2:4], (13, 17)),
-        atol=1e-5, rtol=1e-5,
-    )
+    # The exact (default) form and the literal authors' code warp the upsampled map; the variant warps
+    # the coarse map directly, which is a different function.
+    d = off_exact.detach()
+    authors = shifted(upsample(high, (13, 17)), d[:, 0:2], (13, 17)) + shifted(low, d[:, 2:4], (13, 17))
+    torch.testing.assert_close(out_exact, authors, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_literal, authors, atol=1e-5, rtol=1e-5)
+    one_step_expected = shifted(high, d[:, 0:2], (13, 17)) + shifted(low, d[:, 2:4], (13, 17))
+    torch.testing.assert_close(out_one_step, one_step_expected, atol=1e-5, rtol=1e-5)
+    assert (out_one_step - authors).abs().max() > 1e-2
+
+
+def test_align_fa_form_errors():
+    with pytest.raises(ValueError, match="form must be one of"):
+        AlignFA(8, nn.BatchNorm2d, ACT, form="authors")
+    with pytest.raises(ValueError, match="cannot use form='one_step'"):
+        AlignFA(8, nn.BatchNorm2d, ACT, form="one_step", upsample_high_first=True)
 
 
 def test_align_cm_split_and_concat_offset_heads_agree():

@@ -109,14 +109,30 @@ def test_forward_offsets_names_and_shapes():
         torch.testing.assert_close(offsets["align_fa1"], first)
 
 
-def test_the_authors_form_builds_from_the_same_checkpoint():
+def test_the_default_network_is_the_authors_code_with_the_same_weights():
+    """Default (fused exact AlignFA, split offset heads) = the authors' code run literally
+    (upsample_high_first=True: upsample, concatenate, warp at full size), at non-zero offsets;
+    the one-step variant loads the same checkpoint and differs."""
     default = build("alignseg_tiny", NUM_CLASSES)
     authors = build("alignseg_tiny", NUM_CLASSES, upsample_high_first=True)
+    one_step = build("alignseg_tiny", NUM_CLASSES, align_fa_form="one_step")
+    randomise_offset_predictors(default, std=0.5)
     authors.load_state_dict(default.state_dict())  # strict: the same keys and shapes
-    default.eval(), authors.eval()
+    one_step.load_state_dict(default.state_dict())
+    default.eval(), authors.eval(), one_step.eval()
     images = torch.randn(2, 3, *SIZE)
-    with torch.no_grad():  # zero offsets at construction: both forms compute the same thing
-        assert_close_to_scale(authors(images), default(images))
+    with torch.no_grad():
+        assert all(o.abs().mean() > 0.3 for o in default.forward_offsets(images).values())
+        expected = authors(images)
+        assert_close_to_scale(default(images), expected)
+        assert (one_step(images) - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_align_fa_form_is_checked():
+    with pytest.raises(ValueError, match="align_fa_form must be one of"):
+        build("alignseg_tiny", NUM_CLASSES, align_fa_form="fused")
+    with pytest.raises(ValueError, match="cannot be combined with align_fa_form='one_step'"):
+        build("alignseg_tiny", NUM_CLASSES, upsample_high_first=True, align_fa_form="one_step")
 
 
 def test_channels_last_gives_the_same_output():

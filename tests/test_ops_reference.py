@@ -36,6 +36,27 @@ def test_reference_matches_grid_sample(src_h, src_w, out_h, out_w, scale):
 
 
 @pytest.mark.parametrize("src_h, src_w, out_h, out_w", SIZES)
+def test_grid_sample_formulation_follows_the_non_finite_rule(src_h, src_w, out_h, out_w):
+    """NaN and +-inf offsets: sample_grid_sample gives the reference's values and gradients (zero, none)."""
+    src = torch.randn(2, 3, src_h, src_w, dtype=torch.float64)
+    d = offsets_like(2, out_h, out_w, 2.5)
+    d[0, 0, 0, 0] = float("nan")
+    d[1, 1, -1, -1] = float("inf")
+    d[0, 1, out_h // 2, out_w // 2] = -float("inf")
+    d[1, 0, 0, -1] = 1e30
+    grad_out = torch.randn(2, 3, out_h, out_w, dtype=torch.float64)
+    results = []
+    for fn in (sample_reference, sample_grid_sample):
+        leaves = [src.clone().requires_grad_(), d.clone().requires_grad_()]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        results.append([out, *(t.grad for t in leaves)])
+    for got, expected in zip(*reversed(results)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("src_h, src_w, out_h, out_w", SIZES)
 def test_reference_zero_offsets_is_interpolate(src_h, src_w, out_h, out_w):
     low = torch.randn(2, 3, out_h, out_w, dtype=torch.float64)
     high = torch.randn(2, 3, src_h, src_w, dtype=torch.float64)
@@ -121,6 +142,7 @@ FA_BAD = [
     ("offset-dtype", dict(offsets=torch.randn(OFF4, dtype=torch.float64)), TypeError, "offsets must be float32 or the features' dtype"),
     ("offset-integer", dict(offsets=torch.ones(OFF4, dtype=torch.int32)), TypeError, "offsets must be float32"),
     ("devices", dict(high=torch.randn(HIGH, device="meta")), ValueError, "all tensors must be on one device"),
+    ("upsample-first", dict(upsample_first=1), TypeError, "upsample_first must be a bool, got int"),
 ]
 
 CM_BAD = [

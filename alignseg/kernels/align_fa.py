@@ -1,8 +1,14 @@
-"""AlignFA kernels: ``out = S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``, forward and backward.
+"""AlignFA kernels, forward and backward, in two forms selected by the constexpr ``UPSAMPLE_FIRST``:
 
-``S`` is the shifted bilinear sampling of :mod:`alignseg.kernels.bilinear`. Every feature tensor is
-addressed through its own (n, c, h, w) strides, so one kernel serves contiguous and channels_last
-maps; channels_last is the fast path (each tap reads contiguous channel vectors).
+* ``True`` (the authors' function): ``out = W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])``, the
+  same-size warp ``W`` of the align-corners upsampling ``U(high)`` to low's size, with ``U`` evaluated
+  from the coarse map at each in-range warp tap (never stored);
+* ``False`` (the one-step variant): ``out = S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``.
+
+``S``, ``W`` (``S`` of a map as large as the output) and ``U`` are the bilinear rules of
+:mod:`alignseg.kernels.bilinear`. Every feature tensor is addressed through its own (n, c, h, w)
+strides, so one kernel serves contiguous and channels_last maps; channels_last is the fast path (each
+tap reads contiguous channel vectors).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from .bilinear import (
     source_coordinate,
     tap_gradients,
     unit_scale,
+    upsampled_sample_tile,
+    upsampled_tap_gradients,
 )
 from .launch import (
     KernelLaunch,
@@ -32,7 +40,8 @@ from .launch import (
 )
 
 
-# out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low.
+# out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low
+# (UPSAMPLE_FIRST: the taps t lie on U(high)'s fine grid and each is U's own 4-tap sum over high).
 # Grid: (pixel blocks, channel blocks, N); a program loads its pixels' four offsets once.
 @triton.jit
 def align_fa_forward_kernel(
@@ -49,6 +58,7 @@ def align_fa_forward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    UPSAMPLE_FIRST: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
@@ -60,12 +70,22 @@ def align_fa_forward_kernel(
     rows_acc = rows.to(ACC_DTYPE)
     cols_acc = cols.to(ACC_DTYPE)
 
+    sx_high = align_corners_scale(w, W, high_scale_x, ACC_DTYPE)
+    sy_high = align_corners_scale(h, H, high_scale_y, ACC_DTYPE)
+    if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
+        sx_warp, sy_warp, warp_h, warp_w = unit_scale(W, ACC_DTYPE), unit_scale(H, ACC_DTYPE), H, W
+    else:
+        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
     x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(w, W, high_scale_x, ACC_DTYPE), w)
+                               sx_warp, warp_w)
     y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               align_corners_scale(h, H, high_scale_y, ACC_DTYPE), h)
-    acc = sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
-                      x0, y0, fx, fy, h, w, mask_p, mask_c)
+                               sy_warp, warp_h)
+    if UPSAMPLE_FIRST:
+        acc = upsampled_sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
+                                    x0, y0, fx, fy, H, W, sx_high, sy_high, h, w, mask_p, mask_c)
+    else:
+        acc = sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
+                          x0, y0, fx, fy, h, w, mask_p, mask_c)
 
     x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                unit_scale(W, ACC_DTYPE), W)
@@ -80,8 +100,9 @@ def align_fa_forward_kernel(
 
 # d out / d offset = scale * sum over c and taps of grad[c] * d(w_t)/d(frac) * src[c, t]: a sum over
 # all channels, so one program owns a block of pixels and loops over channel blocks, writing each
-# offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer.
-# Grid: (pixel blocks, N).
+# offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer
+# (UPSAMPLE_FIRST: src[t] is U(high) at a fine tap, and d out / d high scatters grad * w_t * u_k into
+# U's coarse taps k). Grid: (pixel blocks, N).
 @triton.jit
 def align_fa_backward_kernel(
     grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics
@@ -103,6 +124,7 @@ def align_fa_backward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    UPSAMPLE_FIRST: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
@@ -115,8 +137,12 @@ def align_fa_backward_kernel(
     sy_high = align_corners_scale(h, H, high_scale_y, ACC_DTYPE)
     sx_low = unit_scale(W, ACC_DTYPE)
     sy_low = unit_scale(H, ACC_DTYPE)
-    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_high, w)
-    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_high, h)
+    if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
+        sx_warp, sy_warp, warp_h, warp_w = sx_low, sy_low, H, W
+    else:
+        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
+    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_warp, warp_w)
+    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_warp, warp_h)
     lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_low, W)
     ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_low, H)
 
@@ -130,9 +156,15 @@ def align_fa_backward_kernel(
         mask_c = channels < C
         grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
         grad = grad.to(ACC_DTYPE)
-        dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad, channels,
-                                 high_stride_c, high_stride_h, high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
-                                 hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=True)
+        if UPSAMPLE_FIRST:
+            dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad,
+                                               channels, high_stride_c, high_stride_h, high_stride_w,
+                                               gh_stride_c, gh_stride_h, gh_stride_w,
+                                               hx0, hy0, hfx, hfy, H, W, sx_high, sy_high, h, w, mask_p, mask_c)
+        else:
+            dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad, channels,
+                                     high_stride_c, high_stride_h, high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
+                                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=True)
         high_dfx += dfx
         high_dfy += dfy
         dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n, grad, channels,
@@ -143,8 +175,8 @@ def align_fa_backward_kernel(
 
     out_ty = grad_offsets_ptr.dtype.element_ty
     go_at = grad_offsets_ptr + n * go_stride_n + rows * go_stride_h + cols * go_stride_w
-    tl.store(go_at, (high_dfx * sx_high).to(out_ty), mask=mask_p)
-    tl.store(go_at + go_stride_c, (high_dfy * sy_high).to(out_ty), mask=mask_p)
+    tl.store(go_at, (high_dfx * sx_warp).to(out_ty), mask=mask_p)
+    tl.store(go_at + go_stride_c, (high_dfy * sy_warp).to(out_ty), mask=mask_p)
     tl.store(go_at + 2 * go_stride_c, (low_dfx * sx_low).to(out_ty), mask=mask_p)
     tl.store(go_at + 3 * go_stride_c, (low_dfy * sy_low).to(out_ty), mask=mask_p)
 
@@ -155,21 +187,26 @@ def plan_align_fa_forward(
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
+    upsample_first: bool = True,
 ) -> tuple[KernelLaunch, torch.Tensor]:
-    """The forward launch and its output (``out``, default a new tensor shaped and laid out like ``low``)."""
+    """The forward launch and its output (``out``, default a new tensor shaped and laid out like ``low``).
+
+    ``upsample_first`` selects the authors' upsample-then-warp form (default) or the one-step form.
+    """
     check_index_range("low", low)
     n, c, H, W = low.shape
     h, w = high.shape[-2:]
     if out is None:
         out = torch.empty_like(low)
-    cfg = launch_config("align_fa_forward", low, config)
+    cfg = launch_config("align_fa_forward_exact" if upsample_first else "align_fa_forward", low, config)
     block_c = channel_block(c, cfg)
     launch = KernelLaunch(
         align_fa_forward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
         args=(out, low, high, offsets, *strides(out), *strides(low), *strides(high), *strides(offsets), c, H, W, h, w,
               host_scale(w, W), host_scale(h, H)),
-        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1]),
+        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1],
+                        UPSAMPLE_FIRST=bool(upsample_first)),
         num_warps=cfg.num_warps,
     )
     return launch, out
@@ -181,9 +218,11 @@ def align_fa_forward(
     offsets: torch.Tensor,
     out: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
+    upsample_first: bool = True,
 ) -> torch.Tensor:
-    """``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])`` written into ``out`` (see the plan)."""
-    launch, out = plan_align_fa_forward(low, high, offsets, out, config)
+    """``W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])`` (or, with ``upsample_first=False``,
+    ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``) written into ``out`` (see the plan)."""
+    launch, out = plan_align_fa_forward(low, high, offsets, out, config, upsample_first)
     launch()
     return out
 
@@ -195,6 +234,7 @@ def plan_align_fa_backward(
     offsets: torch.Tensor,
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
+    upsample_first: bool = True,
 ) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The backward launch and its outputs: zeroed fp32/fp64 buffers for low and high, and grad_offsets."""
     check_index_range("low", low)
@@ -205,7 +245,7 @@ def plan_align_fa_backward(
     grad_high = torch.zeros_like(high, dtype=acc_torch)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
-    cfg = launch_config("align_fa_backward", low, config)
+    cfg = launch_config("align_fa_backward_exact" if upsample_first else "align_fa_backward", low, config)
     launch = KernelLaunch(
         align_fa_backward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), n),
@@ -215,7 +255,8 @@ def plan_align_fa_backward(
             *strides(low), *strides(high), *strides(offsets),
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
-        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton),
+        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton,
+                        UPSAMPLE_FIRST=bool(upsample_first)),
         num_warps=cfg.num_warps,
     )
     return launch, (grad_low, grad_high, grad_offsets)
@@ -228,8 +269,10 @@ def align_fa_backward(
     offsets: torch.Tensor,
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
+    upsample_first: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (low, high, offsets) in their dtypes, given the output gradient ``grad``."""
-    launch, (grad_low, grad_high, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config)
+    launch, (grad_low, grad_high, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config,
+                                                                          upsample_first)
     launch()
     return grad_low.to(low.dtype), grad_high.to(high.dtype), grad_offsets

@@ -7,6 +7,10 @@ size of 1), from its four integer neighbours; a neighbour outside the source wei
 coordinate becomes -2 (outside, zero, no gradient); every coordinate is clamped to [-2, size + 1]
 (all taps already outside there) so huge or infinite offsets convert to int32 safely.
 All arithmetic runs in ``ACC_DTYPE`` (fp32, or fp64 for fp64 inputs).
+
+``upsampled_sample_tile`` / ``upsampled_tap_gradients`` sample U(src), the align-corners bilinear
+upsampling of a coarse map to the output grid, without building it: each in-range tap of U is
+evaluated from its own four coarse taps (the authors' AlignFA: upsample, then warp).
 """
 
 import triton
@@ -126,6 +130,88 @@ def tap_gradients(
             if SCATTER:
                 gptrs = grad_src_ptr + (row * gstride_h + col * gstride_w)[:, None] + channels[None, :] * gstride_c
                 tl.atomic_add(gptrs, grad * weight[:, None], mask=mask, sem="relaxed")
+    return dfx, dfy
+
+
+@triton.jit
+def scatter_tile(
+    grad_src_ptr,  # fp32/fp64 gradient buffer of the source, already offset by n * stride_n
+    grad,  # [BLOCK_P, BLOCK_C] gradient of the sampled tile in ACC_DTYPE
+    channels,
+    gstride_c, gstride_h, gstride_w,
+    x0, y0, fx, fy,
+    h, w,
+    mask_p, mask_c,
+):
+    """Adjoint of :func:`sample_tile` in the source: atomically add grad * weight into each of the four taps."""
+    for DY in tl.static_range(2):
+        for DX in tl.static_range(2):
+            xx, yy, weight, _, _, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
+            gptrs = grad_src_ptr + (yy.to(tl.int64) * gstride_h + xx.to(tl.int64) * gstride_w)[:, None] + channels[None, :] * gstride_c
+            tl.atomic_add(gptrs, grad * weight[:, None], mask=(inside & mask_p)[:, None] & mask_c[None, :], sem="relaxed")
+
+
+@triton.jit
+def upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w, DX: tl.constexpr, DY: tl.constexpr):
+    """Tap (x0 + DX, y0 + DY) of the (H, W) grid of U(src), as :func:`bilinear_tap` returns it, plus its
+    position on the (h, w) source (corners and fractions of U's own bilinear rule)."""
+    xx, yy, weight, dwx, dwy, inside = bilinear_tap(x0, y0, fx, fy, H, W, DX, DY)
+    cx0, cfx = source_coordinate(xx.to(fx.dtype), 0.0, scale_x, w)
+    cy0, cfy = source_coordinate(yy.to(fx.dtype), 0.0, scale_y, h)
+    return weight, dwx, dwy, inside, cx0, cy0, cfx, cfy
+
+
+@triton.jit
+def upsampled_sample_tile(
+    src_ptr,  # coarse map [h, w] x channels of one batch row, already offset by n * stride_n
+    channels,
+    stride_c, stride_h, stride_w,
+    x0, y0, fx, fy,  # [BLOCK_P] tap corners and fractions on the (H, W) grid of U(src)
+    H, W, scale_x, scale_y, h, w,  # U's size and its align-corners scales (h-1)/(H-1), (w-1)/(W-1)
+    mask_p, mask_c,
+):
+    """Bilinear sample of U(src) at (x0 + fx, y0 + fy): a tap outside U's grid weighs zero, a tap inside is
+    U's bilinear value from four coarse taps. Up to 16 coarse loads per pixel; U is never stored."""
+    acc = tl.zeros((x0.shape[0], channels.shape[0]), dtype=fx.dtype)
+    for DY in tl.static_range(2):
+        for DX in tl.static_range(2):
+            weight, _, _, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w, DX, DY)
+            tap = sample_tile(src_ptr, channels, stride_c, stride_h, stride_w, cx0, cy0, cfx, cfy, h, w,
+                              inside & mask_p, mask_c)
+            acc += tap * weight[:, None]
+    return acc
+
+
+@triton.jit
+def upsampled_tap_gradients(
+    src_ptr,  # coarse map of one batch row, already offset by n * stride_n
+    grad_src_ptr,  # fp32/fp64 gradient buffer of the coarse map, offset likewise
+    grad,  # [BLOCK_P, BLOCK_C] incoming gradient tile in ACC_DTYPE (zero where masked)
+    channels,
+    stride_c, stride_h, stride_w,
+    gstride_c, gstride_h, gstride_w,
+    x0, y0, fx, fy,
+    H, W, scale_x, scale_y, h, w,
+    mask_p, mask_c,
+):
+    """Backward of :func:`upsampled_sample_tile` for one channel block, like :func:`tap_gradients`.
+
+    Returns the per-pixel partial sums of grad * d(sample)/dfx and grad * d(sample)/dfy (the U values at
+    the taps times the derivatives of the warp weights) and scatters grad * (warp weight) * (upsample
+    weight) into the coarse taps with atomics.
+    """
+    dfx = tl.zeros((x0.shape[0],), dtype=fx.dtype)
+    dfy = tl.zeros((x0.shape[0],), dtype=fx.dtype)
+    for DY in tl.static_range(2):
+        for DX in tl.static_range(2):
+            weight, dwx, dwy, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w, DX, DY)
+            mask = inside & mask_p
+            tap = sample_tile(src_ptr, channels, stride_c, stride_h, stride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c)
+            grad_tap = tl.sum(grad * tap, axis=1)
+            dfx += dwx * grad_tap
+            dfy += dwy * grad_tap
+            scatter_tile(grad_src_ptr, grad * weight[:, None], channels, gstride_c, gstride_h, gstride_w,
+                         cx0, cy0, cfx, cfy, h, w, mask, mask_c)
     return dfx, dfy
 
 

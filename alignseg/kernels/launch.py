@@ -29,6 +29,9 @@ class LaunchConfig:
 GPU_CONFIGS: dict[str, LaunchConfig] = {
     "align_fa_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_fa_backward": LaunchConfig(block_p=16, max_block_c=64, num_warps=8),
+    # The exact (upsample-first) form reads up to 16 coarse taps per output pixel: smaller backward tiles.
+    "align_fa_forward_exact": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
+    "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_cm_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=8),
 }
@@ -37,6 +40,8 @@ GPU_CONFIGS: dict[str, LaunchConfig] = {
 GPU_CONFIGS_CONTIGUOUS: dict[str, LaunchConfig] = {
     "align_fa_forward": LaunchConfig(block_p=32, max_block_c=32, num_warps=4),
     "align_fa_backward": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    "align_fa_forward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
+    "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
     "align_cm_forward": LaunchConfig(block_p=64, max_block_c=32, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=16, num_warps=4),
 }

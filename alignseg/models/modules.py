@@ -115,24 +115,40 @@ class OffsetHead(nn.Module):
         return f"form={'concat' if self.concat else 'split'}"
 
 
+ALIGN_FA_FORMS = ("exact", "one_step")
+
+
 class AlignFA(nn.Module):
     """Aligned feature aggregation of a fine map ``low`` and a coarse map ``high`` (paper Sec. 3.2).
 
     Two offset heads predict ``delta_high`` and ``delta_low`` from ``[low, upsample(high)]``; the output
-    is ``align_fa(low, high, [delta_high, delta_low])``, which upsamples and shifts ``high`` in one step.
+    is ``align_fa(low, high, [delta_high, delta_low], upsample_first=...)`` on the coarse ``high``:
 
-    With ``upsample_high_first=True`` the module follows the authors' released code instead: ``high``
-    is upsampled to ``low``'s size first, the offset heads convolve the concatenation, and the
-    upsampled map is warped at full size. The offsets are the same as in the default form (same
-    weights), and so is the output at zero offsets; at non-zero offsets the two differ slightly,
-    because bilinear sampling of a bilinearly upsampled map is not bilinear sampling of the map.
+    * ``form="exact"`` (default): the authors' function, ``upsample(high)`` warped by ``delta_high`` plus
+      ``low`` warped by ``delta_low`` (:func:`~alignseg.ops.align_fa` with ``upsample_first=True``), fused:
+      the upsampled map is never built, and the offset heads run split (:class:`OffsetHead`).
+    * ``form="one_step"``: a variant that samples the coarse map directly (``upsample_first=False``). It
+      equals the authors' function at zero offsets only; with offsets of a few pixels the outputs differ
+      by a sizeable fraction of their magnitude (a warp of a bilinear upsampling is not a bilinear
+      sample of the coarse map; near the border a tap falls outside the coarse map, not the upsampled one).
+
+    ``upsample_high_first=True`` runs the authors' code literally instead: ``high`` is upsampled first,
+    the offset heads convolve the concatenation, and the upsampled map is warped at full size. It
+    computes the same function as ``form="exact"`` (the check that the fused form is the authors'), so
+    it cannot be combined with ``form="one_step"``. Every form has the same parameters: one checkpoint
+    serves all.
     """
 
     def __init__(self, channels: int, norm_layer: NormLayer, act_layer: ActLayer, hidden: int | None = None,
-                 upsample_high_first: bool = False):
+                 upsample_high_first: bool = False, form: str = "exact"):
         super().__init__()
+        if form not in ALIGN_FA_FORMS:
+            raise ValueError(f"form must be one of {ALIGN_FA_FORMS}, got {form!r}")
+        if upsample_high_first and form != "exact":
+            raise ValueError(f"upsample_high_first=True computes the authors' (exact) form; it cannot use form={form!r}")
         hidden = channels if hidden is None else hidden
         self.upsample_high_first = upsample_high_first
+        self.form = form
         self.offset_high = OffsetHead(channels, hidden, norm_layer, act_layer, concat=upsample_high_first)
         self.offset_low = OffsetHead(channels, hidden, norm_layer, act_layer, concat=upsample_high_first)
 
@@ -145,11 +161,11 @@ class AlignFA(nn.Module):
         if self.upsample_high_first:
             high = upsample(high, low.shape[-2:])
         offsets = torch.cat([self.offset_high(low, high), self.offset_low(low, high)], dim=1)
-        out = align_fa(low, high, offsets)
+        out = align_fa(low, high, offsets, upsample_first=self.form == "exact")
         return (out, offsets) if return_offsets else out
 
     def extra_repr(self) -> str:
-        return f"upsample_high_first={self.upsample_high_first}"
+        return f"form={self.form}, upsample_high_first={self.upsample_high_first}"
 
 
 class AlignCM(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .modules import RRB, AlignCM, AlignFA, SegHead, activation_layer, upsample
+from .modules import ALIGN_FA_FORMS, RRB, AlignCM, AlignFA, SegHead, activation_layer, upsample
 from .resnet import NormLayer, ResNetBackbone
 
 OFFSET_NAMES = ("align_fa1", "align_fa2", "align_fa3", "align_fa4", "align_cm")
@@ -34,9 +34,13 @@ class AlignSeg(nn.Module):
         backbone_width: channels of the first backbone stage (64 for standard ResNets).
         decoder_channels: width of the decoder (256 in the paper).
         context_pool_size: size of AlignCM's pooled context (3 in the paper).
-        upsample_high_first: use the authors' released AlignFA form (upsample the coarse map, then
-            concatenate and warp at full size) instead of the default one-step form; see
-            :class:`~alignseg.models.modules.AlignFA`. The weights are the same in both forms.
+        align_fa_form: ``"exact"`` (default): every AlignFA computes the authors' function (warp the
+            bilinearly upsampled coarse map), fused without building the upsampled map; ``"one_step"``:
+            a variant that samples the coarse map directly, which differs from the authors' network
+            once the offsets are non-zero. See :class:`~alignseg.models.modules.AlignFA`.
+        upsample_high_first: run the authors' code literally (upsample the coarse map, concatenate
+            for the offset heads, warp at full size): the same function as ``align_fa_form="exact"``,
+            at the cost of the upsampled maps. All forms have the same weights.
         upsample_eval_output: in eval mode, resize the logits to the input size.
         dropout: Dropout2d probability in both heads.
         act: decoder activation, ``"leaky_relu"`` (slope 0.01, as the authors' InPlaceABN) or ``"relu"``.
@@ -55,6 +59,7 @@ class AlignSeg(nn.Module):
         decoder_channels: int = 256,
         context_pool_size: int = 3,
         upsample_high_first: bool = False,
+        align_fa_form: str = "exact",
         upsample_eval_output: bool = True,
         dropout: float = 0.1,
         act: str = "leaky_relu",
@@ -68,11 +73,16 @@ class AlignSeg(nn.Module):
             raise ValueError(f"decoder_channels must be an int >= 4, got {decoder_channels!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if align_fa_form not in ALIGN_FA_FORMS:
+            raise ValueError(f"align_fa_form must be one of {ALIGN_FA_FORMS}, got {align_fa_form!r}")
+        if upsample_high_first and align_fa_form != "exact":
+            raise ValueError("upsample_high_first=True runs the authors' code, which is align_fa_form='exact'; "
+                             f"it cannot be combined with align_fa_form={align_fa_form!r}")
         # Kept so that helpers (e.g. complexity counting) can rebuild the same network elsewhere.
         self.config: dict[str, Any] = dict(
             num_classes=num_classes, depth=depth, backbone_width=backbone_width,
             decoder_channels=decoder_channels, context_pool_size=context_pool_size,
-            upsample_high_first=upsample_high_first, upsample_eval_output=upsample_eval_output,
+            upsample_high_first=upsample_high_first, align_fa_form=align_fa_form, upsample_eval_output=upsample_eval_output,
             dropout=dropout, act=act, norm_layer=norm_layer, in_channels=in_channels,
         )
         self.num_classes = num_classes
@@ -88,7 +98,7 @@ class AlignSeg(nn.Module):
             return RRB(in_ch, width, norm_layer, act_layer)
 
         def align(hidden: int = width) -> AlignFA:
-            return AlignFA(width, norm_layer, act_layer, hidden, upsample_high_first=upsample_high_first)
+            return AlignFA(width, norm_layer, act_layer, hidden, upsample_high_first=upsample_high_first, form=align_fa_form)
 
         self.lateral1, self.lateral2, self.lateral3, self.lateral4 = rrb(c1), rrb(c2), rrb(c3), rrb(c4)
         self.align_cm = AlignCM(c4, width, norm_layer, act_layer, context_pool_size, concat=upsample_high_first)

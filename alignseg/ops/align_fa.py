@@ -1,13 +1,24 @@
 """AlignFA: aligned feature aggregation (AlignSeg, Huang et al., TPAMI 2021, Sec. 3.2).
 
-``align_fa(low, high, offsets) = S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])`` where ``S`` is
-the shifted bilinear sampling of :mod:`alignseg.ops.sampling`. The coarse map ``high`` is upsampled
-to ``low``'s size and shifted in one step ("learnable interpolation").
+With ``S`` the shifted bilinear sampling of :mod:`alignseg.ops.sampling`, ``U(high) = S(high, 0)`` the
+bilinear align-corners upsampling of the coarse map to ``low``'s size (H, W), and ``W(x, d) = S(x, d)``
+for a map ``x`` of that size (a warp; taps outside [0, H-1] x [0, W-1] contribute zero):
+
+* ``align_fa(low, high, offsets)`` (``upsample_first=True``, the default) is the authors' function,
+  ``W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])``: their CAB upsamples ``high`` with
+  ``F.interpolate(align_corners=True)`` and warps the result with ``F.grid_sample``. The Triton kernel
+  evaluates ``U(high)`` at each in-range warp tap from the coarse map and never stores it.
+* ``upsample_first=False`` is a variant, ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``: the
+  coarse map is upsampled and shifted in one step. It equals the authors' function at zero offsets
+  only: a bilinear sample of a bilinear upsampling is not a bilinear sample of the coarse map (unless
+  (h-1)/(H-1) is a power of 1/2), and near the border a tap is zero on the coarse grid instead of on
+  the upsampled one.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import require_triton, use_triton
@@ -17,17 +28,49 @@ from .sampling import (
     check_same_device,
     empty_output,
     output_memory_format,
+    sample_grid_sample,
     sample_reference,
 )
 
 
-def align_fa_reference(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
-    """Eager PyTorch version of :func:`align_fa` (no argument checks): the oracle and CPU path."""
-    out = sample_reference(high, offsets[:, 0:2]) + sample_reference(low, offsets[:, 2:4])
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def align_fa_reference(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
+    """Eager PyTorch version of :func:`align_fa` (no argument checks): the oracle, four explicit gathers per sample.
+
+    ``U(high)`` is :func:`sample_reference` at zero offsets, kept in fp32 (fp64) like the kernels' values.
+    """
+    if upsample_first:
+        n, _, out_h, out_w = low.shape
+        zero = torch.zeros(n, 2, out_h, out_w, dtype=_compute_dtype(high), device=high.device)
+        upsampled = sample_reference(high.to(zero.dtype), zero)
+        high_part = sample_reference(upsampled, offsets[:, 0:2]).to(high.dtype)
+    else:
+        high_part = sample_reference(high, offsets[:, 0:2])
+    out = high_part + sample_reference(low, offsets[:, 2:4])
     return out.contiguous(memory_format=output_memory_format(low))
 
 
-def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> None:
+def align_fa_grid_sample(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
+    """:func:`align_fa` through ``F.interpolate`` and ``F.grid_sample`` (no argument checks).
+
+    With ``upsample_first=True`` it is the authors' chain: ``F.interpolate(high, (H, W), mode="bilinear",
+    align_corners=True)``, then a same-size ``F.grid_sample`` of it and of ``low`` (zero padding,
+    align_corners=True) by the pixel offsets, added. Non-finite offsets follow the documented rule
+    (:func:`~alignseg.ops.sampling.sample_grid_sample`), so it agrees with :func:`align_fa_reference`.
+    """
+    if upsample_first:
+        upsampled = F.interpolate(high.to(_compute_dtype(high)), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        high_part = sample_grid_sample(upsampled, offsets[:, 0:2]).to(high.dtype)
+    else:
+        high_part = sample_grid_sample(high, offsets[:, 0:2])
+    out = high_part + sample_grid_sample(low, offsets[:, 2:4])
+    return out.contiguous(memory_format=output_memory_format(low))
+
+
+def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool) -> None:
     check_feature_map("low", low)
     check_feature_map("high", high)
     n, c, h, w = low.shape
@@ -39,9 +82,11 @@ def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> None:
         raise TypeError(f"high must have low's dtype {low.dtype}, got {high.dtype}")
     check_offsets("offsets", offsets, 4, n, (h, w), low.dtype)
     check_same_device(low=low, high=high, offsets=offsets)
+    if not isinstance(upsample_first, bool):
+        raise TypeError(f"upsample_first must be a bool, got {type(upsample_first).__name__}")
 
 
-def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+def align_fa(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
     """Aligned feature aggregation: warp both maps by learned offsets and sum them.
 
     Args:
@@ -49,12 +94,15 @@ def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
         high (Tensor[N, C, h, w]): the coarse (high-level) map, any h, w >= 1 (equal to H, W allowed).
         offsets (Tensor[N, 4, H, W]): pixel offsets on the output grid. Channels 0, 1 = (dx, dy) for
             ``high``, channels 2, 3 = (dx, dy) for ``low``. float32 or the features' dtype.
+        upsample_first (bool): ``True`` (default): the authors' function, warp the upsampled ``high``;
+            ``False``: the one-step variant, sample ``high`` directly (see the module docstring).
 
     Returns:
-        Tensor[N, C, H, W]: ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])`` in ``low``'s dtype
-        and memory format (contiguous or channels_last).
+        Tensor[N, C, H, W]: ``W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])`` (or
+        ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``) in ``low``'s dtype and memory format
+        (contiguous or channels_last).
 
-    With zero offsets this is ``F.interpolate(high, (H, W), mode="bilinear", align_corners=True) + low``.
+    With zero offsets both forms are ``F.interpolate(high, (H, W), mode="bilinear", align_corners=True) + low``.
     Taps outside a map contribute zero; non-finite offsets give zero (see :mod:`alignseg.ops.sampling`).
 
     Example:
@@ -62,10 +110,10 @@ def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
         >>> align_fa(low, high, torch.zeros(2, 4, 32, 32)).shape
         torch.Size([2, 8, 32, 32])
     """
-    _check_align_fa(low, high, offsets)
+    _check_align_fa(low, high, offsets, upsample_first)
     if use_triton(low.device):
-        return torch.ops.alignseg.align_fa_forward(low, high, offsets)
-    return align_fa_reference(low, high, offsets)
+        return torch.ops.alignseg.align_fa_forward(low, high, offsets, upsample_first)
+    return align_fa_reference(low, high, offsets, upsample_first)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,38 +123,42 @@ def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("alignseg::align_fa_forward", mutates_args=())
-def _align_fa_forward(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+def _align_fa_forward(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
     require_triton(low.device)
     from alignseg.kernels.align_fa import align_fa_forward
 
-    return align_fa_forward(low, high, offsets, out=empty_output(low))
+    return align_fa_forward(low, high, offsets, out=empty_output(low), upsample_first=upsample_first)
 
 
 @_align_fa_forward.register_fake
-def _(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+def _(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
     return empty_output(low)
 
 
 @torch.library.custom_op("alignseg::align_fa_backward", mutates_args=())
-def _align_fa_backward(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _align_fa_backward(
+    grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
     require_triton(low.device)
     from alignseg.kernels.align_fa import align_fa_backward
 
-    return align_fa_backward(grad, low, high, offsets)
+    return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)
 
 
 @_align_fa_backward.register_fake
-def _(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(low), torch.empty_like(high), torch.empty_like(offsets)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    low, high, offsets, upsample_first = inputs
+    ctx.save_for_backward(low, high, offsets)
+    ctx.upsample_first = upsample_first
 
 
-def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
     low, high, offsets = ctx.saved_tensors
-    return torch.ops.alignseg.align_fa_backward(grad, low, high, offsets)
+    return (*torch.ops.alignseg.align_fa_backward(grad, low, high, offsets, ctx.upsample_first), None)
 
 
 _align_fa_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -9,8 +9,9 @@ height)::
 
 ``bilinear`` weighs the four integer neighbours of (y, x); a neighbour outside the map contributes
 zero. This is ``F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=True)``, and with
-d = 0 it is ``F.interpolate(mode="bilinear", align_corners=True)``: a coarse source is upsampled and
-shifted in one step, without materialising the upsampled map.
+d = 0 it is ``F.interpolate(mode="bilinear", align_corners=True)``. AlignCM and the one-step AlignFA
+variant sample a coarse source with ``S`` directly; the default AlignFA warps its upsampled map
+(:mod:`alignseg.ops.align_fa`).
 
 Non-finite positions: a NaN coordinate gives zero (as if it lay outside the map) and receives no
 gradient; +-inf lie outside the map and give zero. Coordinates are clamped to [-2, size + 1] before
@@ -33,6 +34,20 @@ def _align_corners_scale(src_size: int, out_size: int) -> float:
     return (src_size - 1) / (out_size - 1) if out_size > 1 else 0.0
 
 
+def _source_positions(d: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """The source positions (x, y), each ``Tensor[N, H, W]``, of offsets ``d`` (``Tensor[N, 2, H, W]``, in the
+    compute dtype) on a source of size (h, w), with the non-finite rule of the module docstring applied."""
+    out_h, out_w = d.shape[-2:]
+    cols = torch.arange(out_w, device=d.device, dtype=d.dtype)
+    rows = torch.arange(out_h, device=d.device, dtype=d.dtype).unsqueeze(-1)
+    x = (cols + d[:, 0]) * _align_corners_scale(w, out_w)
+    y = (rows + d[:, 1]) * _align_corners_scale(h, out_h)
+    # NaN -> -2 (outside), +-inf -> the clamp bounds (outside): see the module docstring.
+    x = torch.nan_to_num(x, nan=-2.0).clamp(-2.0, w + 1.0)
+    y = torch.nan_to_num(y, nan=-2.0).clamp(-2.0, h + 1.0)
+    return x, y
+
+
 def sample_reference(src: Tensor, offsets: Tensor) -> Tensor:
     """``S(src, offsets)``: src ``Tensor[N, C, h, w]``, offsets ``Tensor[N, 2, H, W]`` -> ``Tensor[N, C, H, W]``.
 
@@ -41,14 +56,7 @@ def sample_reference(src: Tensor, offsets: Tensor) -> Tensor:
     n, c, h, w = src.shape
     out_h, out_w = offsets.shape[-2:]
     compute = torch.promote_types(src.dtype, torch.float32)
-    d = offsets.to(compute)
-    cols = torch.arange(out_w, device=src.device, dtype=compute)
-    rows = torch.arange(out_h, device=src.device, dtype=compute).unsqueeze(-1)
-    x = (cols + d[:, 0]) * _align_corners_scale(w, out_w)
-    y = (rows + d[:, 1]) * _align_corners_scale(h, out_h)
-    # NaN -> -2 (outside), +-inf -> the clamp bounds (outside): see the module docstring.
-    x = torch.nan_to_num(x, nan=-2.0).clamp(-2.0, w + 1.0)
-    y = torch.nan_to_num(y, nan=-2.0).clamp(-2.0, h + 1.0)
+    x, y = _source_positions(offsets.to(compute), h, w)
     x0f, y0f = x.floor(), y.floor()
     fx, fy = x - x0f, y - y0f  # floor has zero gradient, so d(fx)/dx = 1
     x0, y0 = x0f.long(), y0f.long()
@@ -69,25 +77,25 @@ def sample_reference(src: Tensor, offsets: Tensor) -> Tensor:
 def sample_grid_sample(src: Tensor, offsets: Tensor) -> Tensor:
     """``S(src, offsets)`` through ``F.grid_sample``: the usual eager formulation (a benchmark baseline).
 
-    Agrees with :func:`sample_reference` for finite offsets; a NaN offset follows ``grid_sample``'s
-    own rule instead of the documented one. Returns a tensor of ``src``'s dtype.
+    Agrees with :func:`sample_reference` to rounding, non-finite offsets included (the positions are
+    sanitised by the same rule before the grid is built). Returns a tensor of ``src``'s dtype.
     """
     h, w = src.shape[-2:]
-    out_h, out_w = offsets.shape[-2:]
     compute = torch.promote_types(src.dtype, torch.float32)
-    d = offsets.to(compute)
-    cols = torch.arange(out_w, device=src.device, dtype=compute)
-    rows = torch.arange(out_h, device=src.device, dtype=compute).unsqueeze(-1)
+    x, y = _source_positions(offsets.to(compute), h, w)
 
     def normalised(position: Tensor, size: int) -> Tensor:
         # align_corners=True maps -1 and 1 to the centres of the first and last source pixel; a
-        # source of size 1 is sampled at its only pixel whatever the position.
-        return position * (2.0 / (size - 1)) - 1.0 if size > 1 else torch.zeros_like(position)
+        # source of size 1 is sampled at its only pixel whatever the grid value (masked below). The
+        # product keeps the offsets in the graph: their gradient is zero there, as in the reference.
+        return position * (2.0 / (size - 1)) - 1.0 if size > 1 else position * 0.0
 
-    grid_x = normalised((cols + d[:, 0]) * _align_corners_scale(w, out_w), w)
-    grid_y = normalised((rows + d[:, 1]) * _align_corners_scale(h, out_h), h)
-    grid = torch.stack((grid_x, grid_y), dim=-1)
+    grid = torch.stack((normalised(x, w), normalised(y, h)), dim=-1)
     out = F.grid_sample(src.to(compute), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    # Along a size-1 axis the position is 0 (finite offset, scale 0) or -2 (a non-finite one: outside).
+    for position, size in ((x, w), (y, h)):
+        if size == 1:
+            out = out * (position == 0).unsqueeze(1)
     return out.to(src.dtype)
 
 
