@@ -58,9 +58,25 @@ def stride4_outputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
         model.eval()
 
 
+def count_kernel_launches(monkeypatch) -> dict[str, int]:
+    """Count calls of the Triton launchers (so a 'triton' test proves the kernels ran)."""
+    import alignseg.kernels.align_cm as cm_kernels
+    import alignseg.kernels.align_fa as fa_kernels
+
+    counts: dict[str, int] = {}
+    for module, name in ((fa_kernels, "align_fa_forward"), (cm_kernels, "align_cm_forward")):
+        def counted(*args, _launch=getattr(module, name), _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _launch(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("shape", [(1, 3, 65, 65), (2, 3, 65, 97), (1, 3, 90, 70)])
-def test_converted_model_equals_the_authors_network(authors_net, backend, shape):
+def test_converted_model_equals_the_authors_network(authors_net, backend, shape, monkeypatch):
+    launches = count_kernel_launches(monkeypatch)
     model = from_authors_checkpoint(authors_net.state_dict())
     assert next(model.parameters()).dtype == torch.float64 and not model.training
     images = torch.randn(*shape, dtype=torch.float64)
@@ -73,6 +89,8 @@ def test_converted_model_equals_the_authors_network(authors_net, backend, shape)
         main_logits, aux_logits = stride4_outputs(model, images)
         offsets = model.forward_offsets(images)
     assert full.shape == their_full.shape == (shape[0], 5, *shape[2:])
+    # 4 AlignFA + 1 AlignCM per forward; full, stride-4 and offsets: three forwards
+    assert launches == ({"align_fa_forward": 12, "align_cm_forward": 3} if backend == "triton" else {})
     assert relative_error(full, their_full) < TOLERANCE
     assert relative_error(main_logits, their_main) < TOLERANCE
     assert relative_error(aux_logits, their_dsn) < TOLERANCE
@@ -177,9 +195,10 @@ def _random_(module: nn.Module, generator: torch.Generator) -> None:
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize(("low_size", "high_size"), [((13, 21), (7, 11)), ((16, 16), (8, 8)), ((9, 14), (9, 14))])
-def test_align_fa_authors_convention(backend, low_size, high_size):
+def test_align_fa_authors_convention(backend, low_size, high_size, monkeypatch):
     """Both AlignFA forms with offset_convention='authors' against their CAB: the authors' form equals it; the
     one-step form equals grid_sample of the coarse map on their grid (same normalised coordinates)."""
+    launches = count_kernel_launches(monkeypatch)
     generator = torch.Generator().manual_seed(1)
     channels = 6
     cab = CAB(channels).double().eval()
@@ -209,6 +228,7 @@ def test_align_fa_authors_convention(backend, low_size, high_size):
         one_step = (F.grid_sample(high, grid + delta1.permute(0, 2, 3, 1) / norm, align_corners=True)
                     + F.grid_sample(low, grid + delta2.permute(0, 2, 3, 1) / norm, align_corners=True))
     assert torch.abs(delta1).mean() > 0.5  # offsets of several pixels
+    assert launches == ({"align_fa_forward": 2} if backend == "triton" else {})
     assert relative_error(forms[True][0], theirs) < 1e-12
     assert relative_error(forms[False][0], one_step) < 1e-12
     scale = torch.tensor([(w - 1) / (2 * h), (h - 1) / (2 * w)], dtype=torch.float64).view(1, 2, 1, 1)
@@ -218,8 +238,9 @@ def test_align_fa_authors_convention(backend, low_size, high_size):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("size", [(5, 7), (2, 9), (6, 6)])
-def test_align_cm_authors_convention(backend, size):
+def test_align_cm_authors_convention(backend, size, monkeypatch):
     """AlignCM with offset_convention='authors' against their CAM (3x3 context, offsets / [3, 3])."""
+    launches = count_kernel_launches(monkeypatch)
     generator = torch.Generator().manual_seed(2)
     cam = CAM(10, 6).double().eval()
     _random_(cam, generator)
@@ -235,6 +256,7 @@ def test_align_cm_authors_convention(backend, size):
         out, offsets = module(x, return_offsets=True)
         theirs = cam(x)
     assert offsets.abs().mean() > 0.3
+    assert launches == ({"align_cm_forward": 1} if backend == "triton" else {})
     assert relative_error(out, theirs) < 1e-12
 
 
