@@ -56,9 +56,10 @@ def authors_warp(source: Tensor, size: tuple[int, int], delta: Tensor) -> Tensor
     """Their released ``bilinear_interpolate_torch_gridsample`` (pre-#7 ``norm = [h, w]``, PyTorch 1.2 grid_sample)."""
     out_h, out_w = size
     n, _, h, w = source.shape
-    norm = torch.tensor([[[[h / 1.0, w / 1.0]]]], dtype=source.dtype)
-    ys = torch.linspace(-1.0, 1.0, out_h, dtype=source.dtype).view(-1, 1).repeat(1, out_w)
-    xs = torch.linspace(-1.0, 1.0, out_w, dtype=source.dtype).repeat(out_h, 1)
+    like = dict(dtype=source.dtype, device=source.device)
+    norm = torch.tensor([[[[h / 1.0, w / 1.0]]]], **like)
+    ys = torch.linspace(-1.0, 1.0, out_h, **like).view(-1, 1).repeat(1, out_w)
+    xs = torch.linspace(-1.0, 1.0, out_w, **like).repeat(out_h, 1)
     grid = torch.cat((xs.unsqueeze(2), ys.unsqueeze(2)), 2).repeat(n, 1, 1, 1)
     grid = grid + delta.permute(0, 2, 3, 1) / norm
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)

@@ -26,6 +26,8 @@ from alignseg.models.modules import upsample
 from alignseg.ops import use_backend
 
 TOLERANCE = 1e-6  # max |ours - theirs| / max |theirs|, float64
+# The kernels run on CUDA when there is a GPU, else in Triton's interpreter on the CPU (conftest).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LEAKY = lambda: nn.LeakyReLU(0.01)  # noqa: E731
 
 
@@ -42,7 +44,7 @@ def tiny_authors_net(num_classes: int = 5, seed: int = 0) -> AuthorsAlignSeg:
 
 @pytest.fixture(scope="module")
 def authors_net() -> AuthorsAlignSeg:
-    return tiny_authors_net()
+    return tiny_authors_net().to(DEVICE)
 
 
 def stride4_outputs(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +79,9 @@ def count_kernel_launches(monkeypatch) -> dict[str, int]:
 @pytest.mark.parametrize("shape", [(1, 3, 65, 65), (2, 3, 65, 97), (1, 3, 90, 70)])
 def test_converted_model_equals_the_authors_network(authors_net, backend, shape, monkeypatch):
     launches = count_kernel_launches(monkeypatch)
-    model = from_authors_checkpoint(authors_net.state_dict())
+    model = from_authors_checkpoint(authors_net.state_dict()).to(DEVICE)
     assert next(model.parameters()).dtype == torch.float64 and not model.training
-    images = torch.randn(*shape, dtype=torch.float64)
+    images = torch.randn(*shape, dtype=torch.float64).to(DEVICE)
     with torch.no_grad():
         their_main, their_dsn = authors_net(images)
         their_full = authors_evaluate_whole(authors_net, images)
@@ -101,16 +103,16 @@ def test_converted_model_equals_the_authors_network(authors_net, backend, shape,
 
 def test_the_comparison_is_sensitive(authors_net):
     """Controls: read as pixels, or with the raw norm weight, the same weights give clearly different logits."""
-    images = torch.randn(1, 3, 65, 97, dtype=torch.float64)
+    images = torch.randn(1, 3, 65, 97, dtype=torch.float64).to(DEVICE)
     with torch.no_grad():
         theirs = authors_evaluate_whole(authors_net, images)
-        model = from_authors_checkpoint(authors_net.state_dict())
+        model = from_authors_checkpoint(authors_net.state_dict()).to(DEVICE)
         for module in model.modules():
             if isinstance(module, (AlignFA, AlignCM)):
                 module.offset_convention = "pixels"
         assert relative_error(model(images), theirs) > 1e-3
         raw = {k: v for k, v in authors_net.state_dict().items()}
-        model = from_authors_checkpoint(raw)
+        model = from_authors_checkpoint(raw).to(DEVICE)
         model.backbone.bn1.weight.copy_(authors_net.bn1.weight)  # gamma instead of |gamma| + eps, one layer
         assert relative_error(model(images), theirs) > 1e-3
 
@@ -203,12 +205,13 @@ def test_align_fa_authors_convention(backend, low_size, high_size, monkeypatch):
     channels = 6
     cab = CAB(channels).double().eval()
     _random_(cab, generator)
-    low = torch.randn(2, channels, *low_size, generator=generator, dtype=torch.float64)
-    high = torch.randn(2, channels, *high_size, generator=generator, dtype=torch.float64)
+    cab.to(DEVICE)
+    low = torch.randn(2, channels, *low_size, generator=generator, dtype=torch.float64).to(DEVICE)
+    high = torch.randn(2, channels, *high_size, generator=generator, dtype=torch.float64).to(DEVICE)
     forms = {}
     for upsample_first in (True, False):
         module = AlignFA(channels, nn.BatchNorm2d, LEAKY, upsample_high_first=upsample_first,
-                         offset_convention="authors").double().eval()
+                         offset_convention="authors").double().eval().to(DEVICE)
         with torch.no_grad():
             _load_offset_head(cab.delta_gen1, module.offset_high)
             _load_offset_head(cab.delta_gen2, module.offset_low)
@@ -221,9 +224,9 @@ def test_align_fa_authors_convention(backend, low_size, high_size, monkeypatch):
         delta1, delta2 = cab.delta_gen1(concat), cab.delta_gen2(concat)
         # their grid with norm from the upsampled H x W map, sampling the coarse map directly
         n, _, h, w = low.shape
-        norm = torch.tensor([h, w], dtype=torch.float64).view(1, 1, 1, 2)
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64),
-                                torch.linspace(-1, 1, w, dtype=torch.float64), indexing="ij")
+        norm = torch.tensor([h, w], dtype=torch.float64, device=DEVICE).view(1, 1, 1, 2)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64, device=DEVICE),
+                                torch.linspace(-1, 1, w, dtype=torch.float64, device=DEVICE), indexing="ij")
         grid = torch.stack([xs, ys], -1).expand(n, h, w, 2)
         one_step = (F.grid_sample(high, grid + delta1.permute(0, 2, 3, 1) / norm, align_corners=True)
                     + F.grid_sample(low, grid + delta2.permute(0, 2, 3, 1) / norm, align_corners=True))
@@ -231,7 +234,7 @@ def test_align_fa_authors_convention(backend, low_size, high_size, monkeypatch):
     assert launches == ({"align_fa_forward": 2} if backend == "triton" else {})
     assert relative_error(forms[True][0], theirs) < 1e-12
     assert relative_error(forms[False][0], one_step) < 1e-12
-    scale = torch.tensor([(w - 1) / (2 * h), (h - 1) / (2 * w)], dtype=torch.float64).view(1, 2, 1, 1)
+    scale = torch.tensor([(w - 1) / (2 * h), (h - 1) / (2 * w)], dtype=torch.float64, device=DEVICE).view(1, 2, 1, 1)
     for out, offsets in forms.values():
         assert relative_error(offsets, torch.cat([delta1 * scale, delta2 * scale], 1)) < 1e-12
 
@@ -251,7 +254,8 @@ def test_align_cm_authors_convention(backend, size, monkeypatch):
                 block[0].weight.copy_(conv.weight)
                 _abn_to_bn(abn, block[1])
         _load_offset_head(cam.delta_gen, module.offset)
-    x = torch.randn(2, 10, *size, generator=generator, dtype=torch.float64)
+    cam.to(DEVICE), module.to(DEVICE)
+    x = torch.randn(2, 10, *size, generator=generator, dtype=torch.float64).to(DEVICE)
     with use_backend(backend), torch.no_grad():
         out, offsets = module(x, return_offsets=True)
         theirs = cam(x)
