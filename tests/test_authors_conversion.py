@@ -161,6 +161,8 @@ def test_unknown_missing_and_misshaped_keys_are_named(authors_net, tmp_path):
         from_authors_checkpoint(wrong)
     with pytest.raises(AuthorsCheckpointError, match=r"missing key 'head\.3\.weight'"):
         from_authors_checkpoint({k: v for k, v in state.items() if not k.startswith("head.3")})
+    with pytest.raises(AuthorsCheckpointError, match="an alignseg checkpoint, which needs no conversion"):
+        from_authors_checkpoint({f"backbone.{k}": v for k, v in state.items()})
     pickled = tmp_path / "objects.pth"
     torch.save({"state_dict": state, "args": object()}, pickled)
     with pytest.raises(AuthorsCheckpointError, match="weights_only=True"):

@@ -138,7 +138,9 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
     state_dict in the authors' layout."""
     for key in ("conv1.weight", "RRB1a.unify.weight", "head.3.weight"):
         if key not in state:
-            raise AuthorsCheckpointError(f"missing key {key!r}: not a checkpoint of the authors' AlignSeg")
+            hint = (" (its keys start with 'backbone.': an alignseg checkpoint, which needs no conversion)"
+                    if any(k.startswith("backbone.") for k in state) else "")
+            raise AuthorsCheckpointError(f"missing key {key!r}: not a checkpoint of the authors' AlignSeg{hint}")
     block = Bottleneck if "layer1.0.conv3.weight" in state else BasicBlock
     counts = []
     for stage in range(1, 5):
