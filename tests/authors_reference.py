@@ -48,7 +48,7 @@ class InPlaceABNSync(nn.Module):
         raise ValueError(self.activation)
 
 
-def BatchNorm2d(num_features: int) -> InPlaceABNSync:  # noqa: N802 (their name)
+def BatchNorm2d(num_features: int) -> InPlaceABNSync:
     return InPlaceABNSync(num_features, activation="identity")
 
 
@@ -56,7 +56,7 @@ def authors_warp(source: Tensor, size: tuple[int, int], delta: Tensor) -> Tensor
     """Their released ``bilinear_interpolate_torch_gridsample`` (pre-#7 ``norm = [h, w]``, PyTorch 1.2 grid_sample)."""
     out_h, out_w = size
     n, _, h, w = source.shape
-    like = dict(dtype=source.dtype, device=source.device)
+    like = {"dtype": source.dtype, "device": source.device}
     norm = torch.tensor([[[[h / 1.0, w / 1.0]]]], **like)
     ys = torch.linspace(-1.0, 1.0, out_h, **like).view(-1, 1).repeat(1, out_w)
     xs = torch.linspace(-1.0, 1.0, out_w, **like).repeat(out_h, 1)
@@ -260,7 +260,7 @@ def calibrate_offsets_(net: nn.Module, images: Tensor, pixels: float = 1.5) -> d
     for name in OFFSET_HEADS:
         head = net.get_submodule(name)
         seen: dict[str, Tensor] = {}
-        handle = head.register_forward_hook(lambda _m, inputs, out: seen.update(inp=inputs[0], out=out))
+        handle = head.register_forward_hook(lambda _m, _inputs, out, seen=seen: seen.update(out=out))
         with torch.no_grad():
             net(images)
         handle.remove()

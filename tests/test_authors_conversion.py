@@ -21,14 +21,19 @@ from authors_reference import (
 from torch import nn
 
 from alignseg.cli import main
-from alignseg.models import AlignCM, AlignFA, AuthorsCheckpointError, from_authors_checkpoint
+from alignseg.models import (
+    AlignCM,
+    AlignFA,
+    AuthorsCheckpointError,
+    from_authors_checkpoint,
+)
 from alignseg.models.modules import upsample
 from alignseg.ops import use_backend
 
 TOLERANCE = 1e-6  # max |ours - theirs| / max |theirs|, float64
 # The kernels run on CUDA when there is a GPU, else in Triton's interpreter on the CPU (conftest).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LEAKY = lambda: nn.LeakyReLU(0.01)  # noqa: E731
+LEAKY = lambda: nn.LeakyReLU(0.01)
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -66,12 +71,15 @@ def count_kernel_launches(monkeypatch) -> dict[str, int]:
     import alignseg.kernels.align_fa as fa_kernels
 
     counts: dict[str, int] = {}
-    for module, name in ((fa_kernels, "align_fa_forward"), (cm_kernels, "align_cm_forward")):
-        def counted(*args, _launch=getattr(module, name), _name=name, **kwargs):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _launch(*args, **kwargs)
+    def counting(launch, name):
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return launch(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, counted)
+        return counted
+
+    for module, name in ((fa_kernels, "align_fa_forward"), (cm_kernels, "align_cm_forward")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name), name))
     return counts
 
 

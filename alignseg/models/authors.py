@@ -153,13 +153,13 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
             f"({ {d: list(layout) for d, (b, layout) in RESNET_LAYOUTS.items() if b is block} })"
         )
     stem = state["conv1.weight"]
-    return dict(
-        depth=depth,
-        backbone_width=int(stem.shape[0]),
-        in_channels=int(stem.shape[1]),
-        decoder_channels=int(state["RRB1a.unify.weight"].shape[0]),
-        num_classes=int(state["head.3.weight"].shape[0]),
-    )
+    return {
+        "depth": depth,
+        "backbone_width": int(stem.shape[0]),
+        "in_channels": int(stem.shape[1]),
+        "decoder_channels": int(state["RRB1a.unify.weight"].shape[0]),
+        "num_classes": int(state["head.3.weight"].shape[0]),
+    }
 
 
 def authors_key_to_ours(key: str) -> str | None:
