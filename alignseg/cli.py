@@ -8,6 +8,7 @@
     alignseg predict --checkpoint runs/.../best.pt --input photos/ --output predictions/
     alignseg offsets --checkpoint runs/.../best.pt --input photo.png --output offsets/
     alignseg info alignseg_r101 --size 1024 2048
+    alignseg convert cityscapes_ohem.pth alignseg_authors.pt   # the authors' released weights -> a checkpoint
 """
 
 from __future__ import annotations
@@ -188,6 +189,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .models.authors import convert_checkpoint
+
+    try:
+        summary = convert_checkpoint(args.src, args.dst, num_classes=args.num_classes, config=args.config)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None
+    print(
+        f"wrote {summary['dst']}: {summary['model']} ({summary['options']['depth']} layers, "
+        f"{summary['num_classes']} classes) from {summary['keys']} tensors of {args.src} (sha256 {summary['sha256'][:12]})\n"
+        f"evaluate: alignseg eval --checkpoint {summary['dst']} data.root=/path/to/cityscapes"
+    )
+    return 0
+
+
+def _add_convert_command(commands) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="convert a checkpoint of the authors' code (speedinghzl/AlignSeg) into an alignseg checkpoint",
+        description="Read a state_dict saved by the authors' train.py (networks/alignseg.py) and write an alignseg "
+        "checkpoint that eval, predict and offsets load. The model computes what their code computes on these "
+        "weights (their InPlaceABN scale, head biases and offset units are converted). DST is never overwritten.",
+    )
+    convert.add_argument("src", help="the authors' checkpoint (.pth)")
+    convert.add_argument("dst", help="the alignseg checkpoint to write (.pt); must not exist")
+    convert.add_argument("--num-classes", type=int, help="expected number of classes (default: read from the head)")
+    convert.add_argument("--config", default="cityscapes",
+                         help="config preset or YAML stored with the checkpoint for eval (default: cityscapes)")
+    convert.set_defaults(handler=_cmd_convert)
+
+
 def _palette_name(cfg) -> str:
     return {"cityscapes": "cityscapes", "synthetic": "cityscapes", "ade20k": "ade20k"}.get(cfg.data.dataset, "generic")
 
@@ -271,6 +303,7 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default 512 1024, or the preset's crop)")
     info.add_argument("--num-classes", type=int, help="number of classes (default 19, or the preset's)")
     info.set_defaults(handler=_cmd_info)
+    _add_convert_command(commands)
     return parser
 
 

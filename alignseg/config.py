@@ -64,6 +64,7 @@ class DataConfig:
     val_split: str = "val"
     crop_size: tuple[int, int] = (769, 769)
     scale_range: tuple[float, float] = (0.5, 2.0)
+    scale_step: float = 0.0  # 0: any scale in scale_range; > 0: only low, low + step, ..., high
     flip: bool = True
     jitter: float = 0.25  # photometric jitter strength (0 = off)
     mean: tuple[float, float, float] = IMAGENET_MEAN

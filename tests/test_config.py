@@ -8,9 +8,9 @@ from alignseg.config import Config, ConfigError, apply_overrides, config_from_di
 def test_presets_load_and_hold_the_documented_recipes():
     assert {"synthetic", "cityscapes", "ade20k"} <= set(list_presets())
     city = load_config("cityscapes")
-    assert (city.model.name, city.data.crop_size, city.data.batch_size) == ("alignseg_r101", (769, 769), 8)
+    assert (city.model.name, city.data.crop_size, city.data.batch_size) == ("alignseg_r101", (872, 872), 8)
     assert (city.optim.name, city.optim.lr, city.optim.poly_power, city.optim.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
-    assert (city.train.iterations, city.loss.aux_weight, city.loss.name) == (40000, 0.1, "ohem")
+    assert (city.train.iterations, city.loss.aux_weight, city.loss.name) == (120000, 0.1, "ce_lovasz")
     ade = load_config("ade20k")
     assert (ade.data.num_classes, ade.data.crop_size, ade.data.batch_size, ade.train.iterations) == (150, (512, 512), 16, 160000)
     demo = load_config()

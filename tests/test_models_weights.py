@@ -161,3 +161,65 @@ def test_format_model_summary_lists_the_presets_with_their_counts():
     _, tiny_macs = complexity(build("alignseg_tiny", 19, decoder_channels=16), (64, 64))
     assert gmacs[0] == round(tiny_macs / 1e9, 2) and gmacs[1] > gmacs[0]
     assert set(names) <= set(list_models())
+
+
+def timm_resnet_s_state_dict(width: int, layers=(3, 4, 23, 3)) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names and shapes of timm's deep-stem ``resnet101s`` (stem ``width``-``width``-
+    ``2 width`` as a Sequential ``conv1.0/1/3/4/6`` plus ``bn1``; written out by hand: timm is not a dependency)."""
+    state: dict[str, torch.Tensor] = {}
+
+    def conv(key, out_ch, in_ch, k):
+        state[f"{key}.weight"] = torch.randn(out_ch, in_ch, k, k)
+
+    def norm(key, ch):
+        state[f"{key}.weight"] = torch.rand(ch) + 0.5
+        state[f"{key}.bias"] = torch.randn(ch)
+        state[f"{key}.running_mean"] = torch.randn(ch)
+        state[f"{key}.running_var"] = torch.rand(ch) + 0.5
+        state[f"{key}.num_batches_tracked"] = torch.tensor(1000)
+
+    conv("conv1.0", width, 3, 3)
+    norm("conv1.1", width)
+    conv("conv1.3", width, width, 3)
+    norm("conv1.4", width)
+    conv("conv1.6", 2 * width, width, 3)
+    norm("bn1", 2 * width)
+    in_ch = 2 * width
+    for stage, blocks in enumerate(layers, start=1):
+        planes = width * 2 ** (stage - 1)
+        for block in range(blocks):
+            prefix = f"layer{stage}.{block}"
+            conv(f"{prefix}.conv1", planes, in_ch, 1)
+            norm(f"{prefix}.bn1", planes)
+            conv(f"{prefix}.conv2", planes, planes, 3)
+            norm(f"{prefix}.bn2", planes)
+            conv(f"{prefix}.conv3", 4 * planes, planes, 1)
+            norm(f"{prefix}.bn3", 4 * planes)
+            if block == 0:
+                conv(f"{prefix}.downsample.0", 4 * planes, in_ch, 1)
+                norm(f"{prefix}.downsample.1", 4 * planes)
+            in_ch = 4 * planes
+    state["fc.weight"] = torch.randn(1000, in_ch)
+    state["fc.bias"] = torch.randn(1000)
+    return state
+
+
+def test_loading_a_timm_resnet101s_state_dict_loads_every_backbone_tensor(tmp_path):
+    state = timm_resnet_s_state_dict(width=8)
+    path = tmp_path / "resnet101s-timm.pth"
+    torch.save(state, path)
+    backbone = ResNetBackbone(depth=101, width=8)
+
+    report = load_backbone_weights(backbone, path)
+
+    assert "timm" in report.layout
+    assert set(report.loaded) | set(report.skipped) == set(state)  # every key of the file accounted for
+    assert set(report.skipped) == {"fc.weight", "fc.bias"} and report.missing == []
+    renamed = {"conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2", "conv1.6": "conv3", "bn1": "bn3"}
+    own = backbone.state_dict()
+    for theirs, ours in renamed.items():
+        for suffix in ("weight",) + (("bias", "running_mean", "running_var") if "bn" in ours else ()):
+            assert torch.equal(own[f"{ours}.{suffix}"], state[f"{theirs}.{suffix}"]), (theirs, suffix)
+    assert torch.equal(own["layer3.22.conv2.weight"], state["layer3.22.conv2.weight"])
+    assert torch.equal(own["layer2.0.downsample.1.running_var"], state["layer2.0.downsample.1.running_var"])
+    assert f"loaded {len(state) - 2} tensors" in str(report) and "ImageNet classifier" in str(report)

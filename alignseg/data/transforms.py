@@ -82,11 +82,16 @@ def photometric_jitter(image: Tensor, strength: float) -> Tensor:
 class TrainTransform:
     """Random rescale, jitter, normalise, pad, random crop, flip; see :func:`build_train_transform`."""
 
-    def __init__(self, crop_size, scale_range, mean, std, flip, jitter):
+    def __init__(self, crop_size, scale_range, mean, std, flip, jitter, scale_step=0.0):
         self.crop_size = _pair(crop_size, "crop_size")
         low, high = scale_range
         if not 0 < low <= high:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
+        if not scale_step >= 0:
+            raise ValueError(f"scale_step must be 0 (a continuous scale) or positive, got {scale_step!r}")
+        # With a step, the scales low, low + step, ... up to high (the authors' 0.7 + randint(0, 14) / 10).
+        count = int((high - low) / scale_step + 1e-6) + 1 if scale_step > 0 else 0
+        self.scales = [round(low + i * scale_step, 10) for i in range(count)] if count else None
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         self.scale_range = (float(low), float(high))
@@ -97,7 +102,10 @@ class TrainTransform:
     def __call__(self, image: Image.Image, label: Image.Image) -> tuple[Tensor, Tensor]:
         if image.size != label.size:
             raise ValueError(f"label size {label.size} does not match image size {image.size} (width, height)")
-        scale = _uniform(*self.scale_range)
+        if self.scales is None:
+            scale = _uniform(*self.scale_range)
+        else:
+            scale = self.scales[int(torch.randint(len(self.scales), ()))]
         if scale != 1.0:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.BILINEAR)
@@ -123,7 +131,8 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         return (
-            f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, flip={self.flip}, "
+            f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
+            f"scales={self.scales or 'uniform'}, flip={self.flip}, "
             f"jitter={self.jitter}, {self.normalize})"
         )
 
@@ -149,18 +158,20 @@ def build_train_transform(
     std: Sequence[float] = IMAGENET_STD,
     flip: bool = True,
     jitter: float = 0.25,
+    scale_step: float = 0.0,
 ) -> TrainTransform:
     """The training augmentation.
 
     Args:
         crop_size: output (height, width), or one int for a square crop.
         scale_range: the image is rescaled by a factor drawn uniformly from this range.
+        scale_step: when positive, the factor is drawn uniformly from ``low, low + step, ..., high`` instead.
         mean, std: normalisation per RGB channel, in [0, 1] units.
         flip: horizontal flip with probability 0.5.
         jitter: photometric jitter strength: brightness, contrast and saturation factors are drawn from
             ``[1 - jitter, 1 + jitter]``; 0 turns it off.
     """
-    return TrainTransform(crop_size, scale_range, mean, std, flip, jitter)
+    return TrainTransform(crop_size, scale_range, mean, std, flip, jitter, scale_step)
 
 
 def build_eval_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> EvalTransform:

@@ -1,5 +1,6 @@
 """The AlignSeg network: deep-stem ResNet backbone, AlignFA/AlignCM decoder, presets and helpers."""
 
+from .authors import AuthorsCheckpointError, from_authors_checkpoint
 from .complexity import complexity, format_model_summary
 from .modules import RRB, AlignCM, AlignFA, OffsetHead, SegHead
 from .network import OFFSET_NAMES, AlignSeg, convert_sync_batchnorm
@@ -14,6 +15,7 @@ __all__ = [
     "AlignCM",
     "AlignFA",
     "AlignSeg",
+    "AuthorsCheckpointError",
     "BackboneLoadReport",
     "ModelPreset",
     "OffsetHead",
@@ -23,6 +25,7 @@ __all__ = [
     "complexity",
     "convert_sync_batchnorm",
     "format_model_summary",
+    "from_authors_checkpoint",
     "get_preset",
     "list_models",
     "load_backbone_weights",

@@ -38,6 +38,25 @@ def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+OFFSET_CONVENTIONS = ("pixels", "authors")
+
+
+def check_offset_convention(offset_convention: str) -> str:
+    """``offset_convention`` if it is one of :data:`OFFSET_CONVENTIONS`, else a ValueError naming it."""
+    if offset_convention not in OFFSET_CONVENTIONS:
+        raise ValueError(f"offset_convention must be one of {list(OFFSET_CONVENTIONS)}, got {offset_convention!r}")
+    return offset_convention
+
+
+def scale_offsets(offsets: Tensor, scale_x: float, scale_y: float) -> Tensor:
+    """``offsets`` Tensor[N, 2k, H, W] of (dx, dy) pairs with every dx times ``scale_x``, every dy times ``scale_y``.
+
+    One elementwise multiply by shape-derived constants (torch.compile fuses it); keeps the memory format.
+    """
+    pairs = offsets.shape[1] // 2
+    return offsets * offsets.new_tensor([scale_x, scale_y] * pairs).view(1, 2 * pairs, 1, 1)
+
+
 class ConvNormAct(nn.Sequential):
     """Convolution (no bias: a norm follows), normalisation, activation."""
 
@@ -137,10 +156,22 @@ class AlignFA(nn.Module):
     computes the same function as ``form="exact"`` (the check that the fused form is the authors'), so
     it cannot be combined with ``form="one_step"``. Every form has the same parameters: one checkpoint
     serves all.
+
+    ``offset_convention`` says what unit the offset heads predict. ``"pixels"`` (default): pixels of the
+    output grid, the ops' convention. ``"authors"``: the unit of the released AlignSeg checkpoints
+    (``speedinghzl/AlignSeg`` ``networks/alignseg.py`` before their issue #7 fix, PyTorch 1.2 ``grid_sample``
+    = ``align_corners=True``): the sampled map is the (upsampled) H x W map, and the head's channel 0 is
+    added to the normalised x coordinate divided by the sampled map's *height*, channel 1 to normalised y
+    divided by its *width* (``norm = [h, w]`` against a grid ordered (x, y)). A normalised step of 1 is
+    ``(W - 1) / 2`` pixels in x, so both warps (``high`` and ``low``, same H x W) get, before the op::
+
+        dx = d0 * (W - 1) / (2 * H),    dy = d1 * (H - 1) / (2 * W)
+
+    These factors depend on the runtime size, so they cannot be folded into the conv weights.
     """
 
     def __init__(self, channels: int, norm_layer: NormLayer, act_layer: ActLayer, hidden: int | None = None,
-                 upsample_high_first: bool = False, form: str = "exact"):
+                 upsample_high_first: bool = False, form: str = "exact", offset_convention: str = "pixels"):
         super().__init__()
         if form not in ALIGN_FA_FORMS:
             raise ValueError(f"form must be one of {ALIGN_FA_FORMS}, got {form!r}")
@@ -149,6 +180,7 @@ class AlignFA(nn.Module):
         hidden = channels if hidden is None else hidden
         self.upsample_high_first = upsample_high_first
         self.form = form
+        self.offset_convention = check_offset_convention(offset_convention)
         self.offset_high = OffsetHead(channels, hidden, norm_layer, act_layer, concat=upsample_high_first)
         self.offset_low = OffsetHead(channels, hidden, norm_layer, act_layer, concat=upsample_high_first)
 
@@ -161,11 +193,15 @@ class AlignFA(nn.Module):
         if self.upsample_high_first:
             high = upsample(high, low.shape[-2:])
         offsets = torch.cat([self.offset_high(low, high), self.offset_low(low, high)], dim=1)
+        if self.offset_convention == "authors":
+            out_h, out_w = low.shape[-2:]
+            offsets = scale_offsets(offsets, (out_w - 1) / (2 * out_h), (out_h - 1) / (2 * out_w))
         out = align_fa(low, high, offsets, upsample_first=self.form == "exact")
         return (out, offsets) if return_offsets else out
 
     def extra_repr(self) -> str:
-        return f"form={self.form}, upsample_high_first={self.upsample_high_first}"
+        return (f"form={self.form}, upsample_high_first={self.upsample_high_first}, "
+                f"offset_convention={self.offset_convention}")
 
 
 class AlignCM(nn.Module):
@@ -176,15 +212,26 @@ class AlignCM(nn.Module):
     on the full map); an offset head on ``[local, upsample(context)]``; the output is
     ``align_cm(context, offsets, local)``: each pixel adds the pooled context sampled at its own
     learned position.
+
+    ``offset_convention="authors"`` reads the offset head in the unit of the released checkpoints (see
+    :class:`AlignFA`): the sampled map is the p x p context, so channel 0 is normalised x divided by p
+    (its height), channel 1 normalised y divided by p (its width). Context pixel x = j * (p - 1) / (W - 1)
+    + d0 * (p - 1) / (2 * p), i.e. in pixels of the H x W output grid, before the op::
+
+        dx = d0 * (W - 1) / (2 * p),    dy = d1 * (H - 1) / (2 * p)
+
+    (non-square context: x divides by its height, y by its width). On an output of width 1 (or height 1)
+    the op pins x (y) to 0 while the authors' grid still moves it, so that case is an error.
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer,
-                 pool_size: int = 3, hidden: int | None = None, concat: bool = False):
+                 pool_size: int = 3, hidden: int | None = None, concat: bool = False, offset_convention: str = "pixels"):
         super().__init__()
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"pool_size must be a positive int, got {pool_size!r}")
         hidden = out_channels if hidden is None else hidden
         self.pool_size = pool_size
+        self.offset_convention = check_offset_convention(offset_convention)
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
         self.context = nn.Sequential(
             ConvNormAct(in_channels, in_channels, 1, norm_layer, act_layer),
@@ -201,11 +248,19 @@ class AlignCM(nn.Module):
         context = self.context(self.pool(x))
         local = self.local(x)
         offsets = self.offset(local, context)
+        if self.offset_convention == "authors":
+            (ctx_h, ctx_w), (out_h, out_w) = context.shape[-2:], local.shape[-2:]
+            if (out_h == 1 and ctx_h > 1) or (out_w == 1 and ctx_w > 1):
+                raise ValueError(
+                    f"offset_convention='authors' needs an AlignCM input of at least 2 x 2 (the op cannot move "
+                    f"along an axis of size 1 as the authors' grid does), got {out_h} x {out_w}"
+                )
+            offsets = scale_offsets(offsets, (out_w - 1) / (2 * ctx_h), (out_h - 1) / (2 * ctx_w))
         out = align_cm(context, offsets, local)
         return (out, offsets) if return_offsets else out
 
     def extra_repr(self) -> str:
-        return f"pool_size={self.pool_size}"
+        return f"pool_size={self.pool_size}, offset_convention={self.offset_convention}"
 
 
 class SegHead(nn.Sequential):

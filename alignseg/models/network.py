@@ -42,6 +42,9 @@ class AlignSeg(nn.Module):
             for the offset heads, warp at full size): the same function as ``align_fa_form="exact"``,
             at the cost of the upsampled maps. All forms have the same weights.
         upsample_eval_output: in eval mode, resize the logits to the input size.
+        offset_convention: unit of the offset heads, ``"pixels"`` (default) or ``"authors"`` (the released
+            checkpoints' normalised units, converted before each op; see
+            :class:`~alignseg.models.modules.AlignFA` and :func:`~alignseg.models.from_authors_checkpoint`).
         dropout: Dropout2d probability in both heads.
         act: decoder activation, ``"leaky_relu"`` (slope 0.01, as the authors' InPlaceABN) or ``"relu"``.
         norm_layer: called with a channel count, returns the normalisation module (BatchNorm2d by
@@ -65,6 +68,7 @@ class AlignSeg(nn.Module):
         act: str = "leaky_relu",
         norm_layer: NormLayer = nn.BatchNorm2d,
         in_channels: int = 3,
+        offset_convention: str = "pixels",
     ):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -84,6 +88,7 @@ class AlignSeg(nn.Module):
             decoder_channels=decoder_channels, context_pool_size=context_pool_size,
             upsample_high_first=upsample_high_first, align_fa_form=align_fa_form, upsample_eval_output=upsample_eval_output,
             dropout=dropout, act=act, norm_layer=norm_layer, in_channels=in_channels,
+            offset_convention=offset_convention,
         )
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -98,10 +103,12 @@ class AlignSeg(nn.Module):
             return RRB(in_ch, width, norm_layer, act_layer)
 
         def align(hidden: int = width) -> AlignFA:
-            return AlignFA(width, norm_layer, act_layer, hidden, upsample_high_first=upsample_high_first, form=align_fa_form)
+            return AlignFA(width, norm_layer, act_layer, hidden, upsample_high_first=upsample_high_first,
+                           form=align_fa_form, offset_convention=offset_convention)
 
         self.lateral1, self.lateral2, self.lateral3, self.lateral4 = rrb(c1), rrb(c2), rrb(c3), rrb(c4)
-        self.align_cm = AlignCM(c4, width, norm_layer, act_layer, context_pool_size, concat=upsample_high_first)
+        self.align_cm = AlignCM(c4, width, norm_layer, act_layer, context_pool_size, concat=upsample_high_first,
+                                offset_convention=offset_convention)
         self.lateral5 = rrb(width)
         self.align_fa1, self.align_fa2, self.align_fa3, self.align_fa4 = align(), align(), align(), align()
         self.refine1, self.refine2, self.refine3, self.refine4 = rrb(width), rrb(width), rrb(width), rrb(width)

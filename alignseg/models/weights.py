@@ -1,15 +1,21 @@
 """Loading ImageNet weights into the deep-stem ResNet backbone from a local file (never a download).
 
-Two layouts are understood:
+Three layouts are understood:
 
 * a checkpoint of our own key layout (deep stem ``conv1``..``bn3``, ``layer1``..``layer4``), such as the
   deep-stem ImageNet ResNets the authors start from, or a full AlignSeg checkpoint (its ``backbone.``
   entries are used);
+* timm's deep-stem ResNets (``resnet50s``, ``resnet101s``, ``resnet152s``: stem 64-64-128, the authors'
+  stem). timm keeps the stem in a Sequential ``conv1`` (``conv1.0`` conv, ``.1`` norm, ``.3`` conv, ``.4``
+  norm, ``.6`` conv) and its last norm as ``bn1`` (timm ``models/resnet.py``, ``ResNet.__init__``, deep
+  stem); these are renamed to our ``conv1``/``bn1``/``conv2``/``bn2``/``conv3``/``bn3``, the rest matches
+  key for key;
 * a torchvision ResNet ``state_dict``. Its single 7x7 stem (``conv1``/``bn1``) is not the deep stem, so
   those keys are skipped and the stem keeps its initial values; where the deep stem's 128 output
   channels meet ``layer1`` (its first block and projection) shapes differ and those keys are skipped too.
 
-Every key is accounted for in the returned :class:`BackboneLoadReport`: loaded, or skipped with the reason.
+Every key is accounted for in the returned :class:`BackboneLoadReport` under the file's own names: loaded,
+or skipped with the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _TORCHVISION_STEM = ("conv1.", "bn1.")
+# timm's deep stem (a Sequential conv1 plus bn1) -> ours.
+_TIMM_STEM = {"conv1.0.": "conv1.", "conv1.1.": "bn1.", "conv1.3.": "conv2.", "conv1.4.": "bn2.", "conv1.6.": "conv3.",
+              "bn1.": "bn3."}
 
 
 @dataclass
@@ -77,19 +86,24 @@ def load_backbone_weights(model_or_backbone: nn.Module, path: str | os.PathLike)
         raise FileNotFoundError(f"path must name an existing checkpoint file, got {os.fspath(path)!r}")
 
     checkpoint = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
-    torchvision_stem = _has_torchvision_stem(checkpoint)
-    layout = "torchvision layout, single 7x7 stem" if torchvision_stem else "deep-stem layout"
+    timm_stem = "conv1.0.weight" in checkpoint
+    torchvision_stem = not timm_stem and _has_torchvision_stem(checkpoint)
+    if timm_stem:
+        layout = "timm deep-stem layout (conv1.0/1/3/4/6, bn1)"
+    else:
+        layout = "torchvision layout, single 7x7 stem" if torchvision_stem else "deep-stem layout"
     report = BackboneLoadReport(source=os.fspath(path), layout=layout)
     targets = backbone.state_dict()
     selected: dict[str, Tensor] = {}
     for key, value in checkpoint.items():
-        reason = _skip_reason(key, value, targets, torchvision_stem)
+        ours = _timm_to_ours(key) if timm_stem else key
+        reason = _skip_reason(ours, value, targets, torchvision_stem)
         if reason is None:
-            selected[key] = value
+            selected[ours] = value
+            report.loaded.append(key)
         else:
             report.skipped[key] = reason
     backbone.load_state_dict(selected, strict=False)
-    report.loaded = list(selected)
     report.missing = [k for k in targets if k not in selected and not k.endswith("num_batches_tracked")]
     log.info("%s", report)
     return report
@@ -111,6 +125,13 @@ def _unwrap(obj: object, path) -> dict[str, Tensor]:
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
     return state
+
+
+def _timm_to_ours(key: str) -> str:
+    for prefix, ours in _TIMM_STEM.items():
+        if key.startswith(prefix):
+            return ours + key.removeprefix(prefix)
+    return key
 
 
 def _has_torchvision_stem(state: Mapping[str, Tensor]) -> bool:

@@ -80,7 +80,8 @@ def build_datasets(cfg: Config, ctx: DistributedContext, splits=("train", "val")
         options.setdefault("num_classes", cfg.data.num_classes)
     transforms = {
         "train": data_lib.build_train_transform(
-            tuple(cfg.data.crop_size), tuple(cfg.data.scale_range), cfg.data.mean, cfg.data.std, cfg.data.flip, cfg.data.jitter
+            tuple(cfg.data.crop_size), tuple(cfg.data.scale_range), cfg.data.mean, cfg.data.std, cfg.data.flip, cfg.data.jitter,
+            scale_step=cfg.data.scale_step,
         ),
         "val": data_lib.build_eval_transform(cfg.data.mean, cfg.data.std),
     }
