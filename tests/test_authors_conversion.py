@@ -313,7 +313,8 @@ def test_convert_command_writes_a_checkpoint_that_eval_loads(tmp_path, capsys, c
     state = load_checkpoint(dst)
     assert state["input"]["channel_order"] == "BGR" and state["input"]["mean"][0] == pytest.approx(104.00698793)
     cfg = config_from_dict(state["config"])
-    assert cfg.model.options == {"offset_convention": "authors"}  # the default AlignFA form is the authors'
+    assert cfg.model.options["offset_convention"] == "authors"
+    assert cfg.model.options.get("align_fa_form", "exact") == "exact"  # the default AlignFA form is the authors'
 
     model = build_model(cfg, load_pretrained=False)
     load_model_state(model, state)
