@@ -89,14 +89,14 @@ def environment() -> dict[str, str]:
 
 def agreement_plan():
     """(case, dtype, layout), breadth-first: every configuration's most important shape first."""
-    from bench.run import GPU_CONFIGS
+    from bench.run import GPU_CONFIGS, breadth_first
     from bench.shapes import OpCase, model_cases, smoke_cases
 
     if HAS_GPU:
         cases = model_cases()
     else:  # tiny shapes, one with fractional scales and sizes off every block multiple
         cases = smoke_cases() + [OpCase("align_fa", "smoke", "fa odd", 1, 5, (11, 17), (6, 7))]
-    return [(case, d, lay) for case in cases for d, lay in GPU_CONFIGS]
+    return breadth_first(cases, GPU_CONFIGS)
 
 
 def agreement_phase(out: Path) -> int:

@@ -108,6 +108,11 @@ def ops_plan(args: argparse.Namespace) -> list[tuple[OpCase, str, str]]:
         (d, lay) for d, lay in (GPU_CONFIGS if HAS_GPU else SMOKE_CONFIGS)
         if (not args.dtypes or d in args.dtypes) and (not args.layouts or lay in args.layouts)
     ]
+    return breadth_first(cases, configs)
+
+
+def breadth_first(cases: list[OpCase], configs: list[tuple[str, str]]) -> list[tuple[OpCase, str, str]]:
+    """Every configuration of the first case, then of the next: the outer loop is the shape."""
     return [(case, d, lay) for case in cases for d, lay in configs]
 
 
