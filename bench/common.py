@@ -16,6 +16,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -268,15 +269,14 @@ def read_rows(jsonl_path: Path) -> list[dict]:
     return rows
 
 
-def _die_with_parent() -> None:
-    """In a child, before it runs: Linux sends it SIGKILL when its parent dies (a killed driver leaves no orphans)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the child outlives a killed parent until its own end
+# Exec'd in front of every child of ``run_until`` on Linux: the kernel then sends the child SIGKILL
+# when its parent dies (PR_SET_PDEATHSIG survives exec), so a killed driver leaves no orphan running.
+# Set here, after the fork, and not in a ``preexec_fn``: that is unsafe in a parent with threads
+# (CUDA's), where it can deadlock the child before its exec.
+_ORPHAN_GUARD = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
+    "sys.exit(1) if os.getppid() != int(sys.argv[1]) else os.execvp(sys.argv[2], sys.argv[2:])"
+)
 
 
 def run_until(command: Sequence[str], until: float | None, *, log_file=None, env: dict | None = None,
@@ -289,8 +289,11 @@ def run_until(command: Sequence[str], until: float | None, *, log_file=None, env
     """
     import signal
 
-    process = subprocess.Popen(list(command), stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
-                               env=env, cwd=REPO_ROOT, start_new_session=True, preexec_fn=_die_with_parent)
+    command = list(command)
+    if platform.system() == "Linux":
+        command = [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *command]
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                               env=env, cwd=REPO_ROOT, start_new_session=True)
     timeout = None if until is None else max(0.0, until - time.time())
     try:
         return process.wait(timeout=timeout), False
