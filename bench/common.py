@@ -16,6 +16,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -61,7 +62,8 @@ def git_commit() -> str:
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copy of the tree without .git (e.g. on a machine it was copied to): the caller may say.
+        return os.environ.get("ALIGNSEG_COMMIT", "unknown")
 
 
 def run_info() -> dict[str, str]:
@@ -152,6 +154,28 @@ def peak_memory_mib(fn: Callable[[], object], grad_to_none: Sequence[torch.Tenso
     return peak / 2**20
 
 
+def measure_cudagraph(
+    fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] | None = None, *, rep_ms: float = 5
+) -> float | None:
+    """Median time (ms) of one ``fn`` replayed from a CUDA graph: the kernels' time without Python.
+
+    ``triton.testing.do_bench_cudagraph`` captures as many unrolled calls as its eager estimate fits
+    in ``rep_ms``, so a small ``rep_ms`` keeps the capture short for host-bound calls. None on the
+    CPU, and None (with a log line) where ``fn`` cannot be captured (a host synchronisation, say).
+    """
+    if not HAS_GPU:
+        return None
+    import triton.testing
+
+    try:
+        median = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5])
+    except Exception as error:  # noqa: BLE001  (a capture failure must not end the benchmark)
+        torch.cuda.synchronize()
+        log(f"  CUDA graph capture failed, no graph time: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+        return None
+    return float(median[0] if isinstance(median, (list, tuple)) else median)
+
+
 def copy_bandwidth_gbs(nbytes: int | None = None) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + bytes written, per second), measured now.
 
@@ -190,6 +214,102 @@ def write_results(kind: str, rows: list[dict], info: dict[str, str], directory: 
         writer.writerows(tagged)
     json_path.write_text(json.dumps({"info": info, "rows": rows}, indent=1, default=str) + "\n")
     return [csv_path, json_path]
+
+
+def with_suffix(prefix: Path, suffix: str) -> Path:
+    """``prefix`` + ``suffix`` (``Path.with_suffix`` would replace anything after a dot in the name)."""
+    return prefix.with_name(prefix.name + suffix)
+
+
+class RowWriter:
+    """Appends result rows to ``<prefix>.jsonl`` and ``<prefix>.csv`` as they are measured.
+
+    Each row is written and flushed at once, so a run killed at any moment keeps every row measured
+    before it (the CSV header is written with the first row; keys it lacks go to the JSONL only).
+    Refuses to append to files that already exist: results are never overwritten or mixed.
+    """
+
+    def __init__(self, prefix: Path, info: dict[str, str], csv: bool = True):
+        self.jsonl_path = with_suffix(prefix, ".jsonl")
+        self.csv_path = with_suffix(prefix, ".csv") if csv else None
+        for path in (self.jsonl_path, self.csv_path):
+            if path is not None and path.exists():
+                raise FileExistsError(f"{path} already exists: choose another output folder")
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.info = info
+        self.columns: list[str] | None = None
+        self.count = 0
+
+    def write(self, row: dict, to_csv: bool = True) -> None:
+        """Append ``row`` tagged with the run's info; ``to_csv=False``: the JSONL only (an error record)."""
+        tagged = {**row, **self.info}
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(tagged, default=str) + "\n")
+            f.flush()
+        if self.csv_path is not None and to_csv:
+            with self.csv_path.open("a", newline="") as f:
+                if self.columns is None:
+                    self.columns = list(tagged)
+                    csv.DictWriter(f, fieldnames=self.columns).writeheader()
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(tagged)
+                f.flush()
+        self.count += 1
+
+
+def read_rows(jsonl_path: Path) -> list[dict]:
+    """The rows of a JSONL results file; a last line cut short by a kill is dropped; [] if absent."""
+    if not jsonl_path.exists():
+        return []
+    rows = []
+    for line in jsonl_path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # only the line being written when the process was killed can be incomplete
+    return rows
+
+
+# Exec'd in front of every child of ``run_until`` on Linux: the kernel then sends the child SIGKILL
+# when its parent dies (PR_SET_PDEATHSIG survives exec), so a killed driver leaves no orphan running.
+# Set here, after the fork, and not in a ``preexec_fn``: that is unsafe in a parent with threads
+# (CUDA's), where it can deadlock the child before its exec.
+_ORPHAN_GUARD = (
+    "import ctypes, os, signal, sys; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
+    "sys.exit(1) if os.getppid() != int(sys.argv[1]) else os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def run_until(command: Sequence[str], until: float | None, *, log_file=None, env: dict | None = None,
+              grace_s: float = 5.0) -> tuple[int | None, bool]:
+    """Run ``command`` in its own process group until the wall-clock time ``until`` (``time.time()``).
+
+    At ``until`` the whole group (compile workers included) gets SIGTERM, then SIGKILL after
+    ``grace_s``: a hard deadline, whatever the child is doing. Output goes to ``log_file`` (a file
+    object) or is inherited. Returns (exit status, or None when killed; whether it was killed).
+    """
+    import signal
+
+    command = list(command)
+    if platform.system() == "Linux":
+        command = [sys.executable, "-c", _ORPHAN_GUARD, str(os.getpid()), *command]
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                               env=env, cwd=REPO_ROOT, start_new_session=True)
+    timeout = None if until is None else max(0.0, until - time.time())
+    try:
+        return process.wait(timeout=timeout), False
+    except subprocess.TimeoutExpired:
+        pass
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    return None, True
 
 
 def format_table(rows: Iterable[dict], columns: Sequence[tuple[str, str, str]], markdown: bool = False) -> str:

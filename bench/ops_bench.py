@@ -213,16 +213,18 @@ def bench_config(
     compile_backend: str = "inductor",
     copy_gbs: float | None = None,
     rep_ms: float = 100,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Check, then time, every provider and mode of one (case, dtype, layout); one row per point."""
+    """Check, then time, every provider and mode of one (case, dtype, layout); one row per point,
+    each passed to ``on_row`` as soon as it is measured (the speed-ups are added once all are)."""
     # ``bwd`` reruns backward on one retained graph; a compiled backward may only do that without
     # buffer donation (donation only lets it free saved tensors early: the timing is unaffected).
     no_donation = {"donated_buffer": False} if hasattr(torch._functorch.config, "donated_buffer") else {}
     with torch._functorch.config.patch(**no_donation):
-        return _bench_config(case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms)
+        return _bench_config(case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms, on_row)
 
 
-def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms) -> list[dict]:
+def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms, on_row=None) -> list[dict]:
     dtype, layout = DTYPES[dtype_name], LAYOUTS[layout_name]
     inputs = make_inputs(case, dtype, layout, common.device())
     torch._dynamo.reset()  # a fresh static compile per shape, and no recompile limit to run into
@@ -234,6 +236,9 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
         for mode in modes:
             timed = timed_call(fn, inputs, mode)
             median, p20, p80 = measure(timed, grad_to_none=inputs.args, warmup_ms=10 if HAS_GPU else 0, rep_ms=rep_ms)
+            # The kernels alone, without the Python launch path (empty on the CPU). Not for ``bwd``:
+            # its retained forward ran outside the capture stream.
+            graph_ms = common.measure_cudagraph(timed, inputs.args) if mode != "bwd" else None
             nbytes = min_bytes(case, mode, element_bytes)
             gbs = nbytes / (median * 1e-3) / 1e9
             check = agreement[provider]
@@ -249,6 +254,7 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
                     "ms": median,
                     "ms_p20": p20,
                     "ms_p80": p80,
+                    "ms_cudagraph": graph_ms,
                     "min_bytes": nbytes,
                     "flops": flops(case, mode, upsample_first=provider != "one_step"),
                     "gbs": gbs,
@@ -260,6 +266,8 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
                     "check_note": check["note"] if check["ok"] is not False else f"{check['worst']} off: {check['note']}",
                 }
             )
+            if on_row is not None:
+                on_row(rows[-1])
     _add_speedups(rows)
     return rows
 
