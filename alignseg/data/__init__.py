@@ -10,8 +10,10 @@ from pathlib import Path
 
 from .ade20k import ADE20K_CLASSES, ADE20KDataset
 from .base import IGNORE_INDEX, SegmentationDataset, check_label_values
+from .check import DatasetReport, SkipCorrupt, check_dataset
 from .cityscapes import CITYSCAPES_CLASSES, CityscapesDataset, cityscapes_ids_to_train_ids
 from .folder import FolderDataset
+from .images import DataFileError, read_rgb_image
 from .loader import build_loader, seed_worker
 from .synthetic import SYNTHETIC_TRAIN_IDS, make_synthetic_cityscapes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
@@ -61,18 +63,23 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "CityscapesDataset",
     "DATASETS",
+    "DataFileError",
+    "DatasetReport",
     "FolderDataset",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SYNTHETIC_TRAIN_IDS",
     "SegmentationDataset",
+    "SkipCorrupt",
     "build_dataset",
     "build_eval_transform",
     "build_loader",
     "build_train_transform",
+    "check_dataset",
     "check_label_values",
     "cityscapes_ids_to_train_ids",
     "make_synthetic_cityscapes",
+    "read_rgb_image",
     "seed_worker",
 ]
