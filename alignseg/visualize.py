@@ -223,6 +223,8 @@ def find_images(source: str | Path, exclude: str | Path | None = None) -> tuple[
         return source.parent, [source]
     if not source.exists():
         raise FileNotFoundError(f"--input {source} does not exist")
+    if exclude is not None and Path(exclude).resolve() == source.resolve():
+        exclude = None  # the output is the input folder itself: refused later, with that reason
     images = list_images(source, exclude)
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")

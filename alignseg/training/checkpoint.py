@@ -232,6 +232,15 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
 
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete temporary files of checkpoint writes cut short (``kill -9`` mid-save); returns them."""
+        if not self.run_dir.is_dir():
+            return []
+        partial = [p for p in self.run_dir.glob(".*.pt.*.tmp") if p.is_file()]
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return partial
+
     def save(self, state: dict[str, Any]) -> Path:
         path = save_checkpoint(self.run_dir / f"checkpoint_{state['iteration']:07d}.pt", state)
         for _, old in sorted(_periodic(self.run_dir))[: -self.keep_last]:

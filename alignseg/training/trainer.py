@@ -247,6 +247,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             add_file_log(self.run_dir)
             write_text_atomic(self.run_dir / "config.yaml", self.cfg.to_yaml())
+            for partial in self.checkpoints.remove_partial_writes():
+                log.info("removed %s, a checkpoint write cut short", partial.name)
             self.metrics = MetricsLog(self.run_dir, t.tensorboard, start_iteration=self.iteration)
         self._describe_setup()
 
