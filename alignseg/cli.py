@@ -118,8 +118,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg, model, ctx = _load_for_inference(args)
     setting = build_inference_mode(**eval_setting(cfg))
     target = args.output if args.output is not None else default_report_path(args.checkpoint_path, setting)
-    if target.is_dir():
-        raise ValueError(f"--output {target} is a folder; give a file name such as {target / 'eval.json'}")
+    _check_writable_file(target)  # before the evaluation, not after it
     try:
         dataset = build_datasets(cfg, ctx, splits=("val",))["val"]
         log.info("evaluating %d %s images, mode %s", len(dataset), cfg.data.val_split, setting)
@@ -142,6 +141,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     finally:
         dist_utils.cleanup_distributed()
     return 0
+
+
+def _check_writable_file(path: Path) -> None:
+    import tempfile
+
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name such as {path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
