@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
-        log.error("error: %s", err)
+        log.error("error: %s", _message(err))
         if args.verbose:
             raise
         return 2
@@ -254,6 +254,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _message(err: BaseException) -> str:
+    """The error's text; for one re-raised from a DataLoader worker, its last line (which names the file)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def _palette_name(cfg) -> str:

@@ -251,6 +251,8 @@ class Trainer:
                 log.info("removed %s, a checkpoint write cut short", partial.name)
             self.metrics = MetricsLog(self.run_dir, t.tensorboard, start_iteration=self.iteration)
         self._describe_setup()
+        if self.resume_state is not None:  # logged here, once train.log is open
+            log.info("resumed from %s at iteration %d of %d", self.resume_state["path"], self.iteration, t.iterations)
 
     # ------------------------------------------------------------------------------------------
 
@@ -475,7 +477,6 @@ class Trainer:
         rng_states = state.get("rng") or []
         if rng_states:
             restore_rng_state(rng_states[self.ctx.rank] if len(rng_states) == self.ctx.world_size else rng_states[0])
-        log.info("resumed from %s at iteration %d of %d", path, self.iteration, self.cfg.train.iterations)
 
     # ------------------------------------------------------------------------------------------
 
@@ -538,6 +539,12 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
 
 
 def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
-    """The config stored in checkpoint ``path``, with ``overrides`` applied (e.g. more iterations)."""
+    """The config stored in checkpoint ``path``, with ``overrides`` applied (e.g. more iterations).
+
+    The run continues in the checkpoint's folder (a moved or copied run folder included) unless
+    ``train.run_dir`` is overridden.
+    """
     state = load_checkpoint(path)
-    return apply_overrides(config_from_dict(state["config"], origin=f"checkpoint {state['path']}"), overrides)
+    cfg = config_from_dict(state["config"], origin=f"checkpoint {state['path']}")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(Path(state["path"]).parent)))
+    return apply_overrides(cfg, overrides)
