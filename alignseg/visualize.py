@@ -18,7 +18,6 @@ bit-interleaving scheme shifted by one, so class 0 is not black; ADE20K uses it 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -242,7 +241,7 @@ def output_stems(images: Sequence[Path], root: Path) -> dict[Path, Path]:
         relative = path.relative_to(root)
         by_stem.setdefault((relative.parent, relative.stem.lower()), []).append(path)
     stems, owner = {}, {}
-    for (_, _), paths in by_stem.items():
+    for paths in by_stem.values():
         for path in paths:
             relative = path.relative_to(root)
             name = relative.stem if len(paths) == 1 else f"{relative.stem}_{path.suffix.lstrip('.').lower()}"

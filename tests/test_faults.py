@@ -20,7 +20,12 @@ import torch
 import alignseg
 from alignseg.cli import main
 from alignseg.config import ConfigError, load_config
-from alignseg.data import DataFileError, FolderDataset, make_synthetic_cityscapes, read_rgb_image
+from alignseg.data import (
+    DataFileError,
+    FolderDataset,
+    make_synthetic_cityscapes,
+    read_rgb_image,
+)
 from alignseg.training.checkpoint import CheckpointError, load_checkpoint
 from alignseg.training.logs import MetricsLog, read_metrics
 from alignseg.training.trainer import NonFiniteWeightsError, Trainer
