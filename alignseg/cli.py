@@ -1,12 +1,15 @@
-"""The ``alignseg`` command: train, eval, predict, offsets, info.
+"""The ``alignseg`` command: train, eval, predict, offsets, config, check-data, info.
 
     alignseg train                                   # the built-in demo: tiny model, synthetic data
     alignseg train --config cityscapes data.root=/data/cityscapes --pretrained resnet101.pth
     torchrun --nproc_per_node=8 -m alignseg train --config cityscapes data.root=...
     alignseg train --resume runs/synthetic-.../checkpoint_0000400.pt train.iterations=800
-    alignseg eval --checkpoint runs/.../best.pt --mode slide
+    alignseg eval --checkpoint runs/.../best.pt --mode slide      # also writes runs/.../best.eval-slide.json
+    alignseg eval --checkpoint runs/.../best.pt --mode multiscale eval.tile=null eval.flip=true
     alignseg predict --checkpoint runs/.../best.pt --input photos/ --output predictions/
     alignseg offsets --checkpoint runs/.../best.pt --input photo.png --output offsets/
+    alignseg config cityscapes data.root=/data/cityscapes         # the resolved config and every key
+    alignseg check-data --config cityscapes data.root=/data/cityscapes
     alignseg info alignseg_r101 --size 1024 2048
     alignseg convert cityscapes_ohem.pth alignseg_authors.pt   # the authors' released weights -> a checkpoint
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, apply_overrides, config_from_dict, list_presets, load_config
+from .config import ConfigError, apply_overrides, config_from_dict, describe_keys, eval_setting, list_presets, load_config
 from .training.checkpoint import CheckpointError
 from .training.logs import log, setup_logging
 
@@ -43,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
-        log.error("error: %s", err)
+        log.error("error: %s", _message(err))
         if args.verbose:
             raise
         return 2
@@ -95,6 +98,7 @@ def _load_for_inference(args: argparse.Namespace):
     from .training.trainer import build_model
 
     state = load_checkpoint(args.checkpoint)
+    args.checkpoint_path, args.checkpoint_iteration = Path(state["path"]), int(state["iteration"])
     cfg = apply_overrides(config_from_dict(state["config"], origin=f"checkpoint {state['path']}"), args.overrides)
     if getattr(args, "mode", None):
         cfg = apply_overrides(cfg, [f"eval.mode={args.mode}"])
@@ -107,49 +111,113 @@ def _load_for_inference(args: argparse.Namespace):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import build_inference_mode
+    from .evaluation.report import default_report_path, evaluation_record, write_report
     from .training import distributed as dist_utils
-    from .training.trainer import build_datasets, evaluate_sharded
+    from .training.trainer import build_datasets, dataset_root, evaluate_sharded
 
     cfg, model, ctx = _load_for_inference(args)
+    setting = build_inference_mode(**eval_setting(cfg))
+    target = args.output if args.output is not None else default_report_path(args.checkpoint_path, setting)
+    _check_writable_file(target)  # before the evaluation, not after it
     try:
         dataset = build_datasets(cfg, ctx, splits=("val",))["val"]
-        log.info("evaluating %d %s images, mode %s", len(dataset), cfg.data.val_split, cfg.eval.mode)
+        log.info("evaluating %d %s images, mode %s", len(dataset), cfg.data.val_split, setting)
         results = evaluate_sharded(model, dataset, cfg, ctx)
         if ctx.is_main:
             print(results.format_table())
+            record = evaluation_record(
+                results,
+                setting,
+                checkpoint=str(args.checkpoint_path),
+                iteration=args.checkpoint_iteration,
+                model=cfg.model.name,
+                dataset=cfg.data.dataset,
+                data_root=str(dataset_root(cfg)),
+                split=cfg.data.val_split,
+                num_images=len(dataset),
+                normalisation={"mean": list(cfg.data.mean), "std": list(cfg.data.std)},
+            )
+            log.info("wrote %s", write_report(target, record))
     finally:
         dist_utils.cleanup_distributed()
     return 0
+
+
+def _check_writable_file(path: Path) -> None:
+    import tempfile
+
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name such as {path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from . import visualize
 
     cfg, model, _ = _load_for_inference(args)
-    written = visualize.predict_folder(
+    run = visualize.predict_folder(
         model,
         args.input,
         args.output,
         palette=_palette_name(cfg),
-        mode=cfg.eval.mode,
-        tile=tuple(cfg.eval.tile),
-        stride=tuple(cfg.eval.stride),
-        scales=tuple(cfg.eval.scales),
-        flip=cfg.eval.flip,
+        **eval_setting(cfg),
         mean=cfg.data.mean,
         std=cfg.data.std,
         alpha=args.alpha,
+        overwrite=args.overwrite,
     )
-    log.info("wrote predictions for %d images to %s", len(written), args.output)
-    return 0
+    return _finish(run, f"predictions in {args.output}")
 
 
 def _cmd_offsets(args: argparse.Namespace) -> int:
     from . import visualize
 
     cfg, model, _ = _load_for_inference(args)
-    written = visualize.render_offsets(model, args.input, args.output, mean=cfg.data.mean, std=cfg.data.std)
-    log.info("wrote %d offset-field images to %s", len(written), args.output)
+    run = visualize.offsets_for_images(model, args.input, args.output, cfg.data.mean, cfg.data.std, overwrite=args.overwrite)
+    return _finish(run, f"offset-field pictures in {args.output}")
+
+
+def _finish(run, what: str) -> int:
+    """Log the summary of a prediction run; exit code 1 when an image failed."""
+    if run.failed:
+        log.error("%s; %s", what, run.summary())
+        return 1
+    log.info("%s: %s", what, run.summary())
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(f"# config {args.config or 'synthetic'}{' with ' + ' '.join(args.overrides) if args.overrides else ''}")
+    print(cfg.to_yaml(), end="")
+    print("\n# override keys (alignseg train ... key=value; values are YAML):")
+    for line in describe_keys(cfg):
+        print(f"#   {line}")
+    return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from .data import check_dataset
+    from .training import distributed as dist_utils
+    from .training.trainer import build_datasets
+
+    cfg = load_config(args.config, args.overrides)
+    splits = tuple(args.split or ("train", "val"))
+    datasets = build_datasets(cfg, dist_utils.DistributedContext(), splits=splits)
+    problems = 0
+    for split, dataset in datasets.items():
+        report = check_dataset(dataset, name=f"{cfg.data.dataset} {split}", progress=not args.quiet)
+        print(report.format())
+        problems += len(report.problems)
+    if problems:
+        log.error("%d problems found; fix or remove those files (or train with data.on_corrupt=skip)", problems)
+        return 1
     return 0
 
 
@@ -220,6 +288,14 @@ def _add_convert_command(commands) -> None:
     convert.set_defaults(handler=_cmd_convert)
 
 
+def _message(err: BaseException) -> str:
+    """The error's text; for one re-raised from a DataLoader worker, its last line (which names the file)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def _palette_name(cfg) -> str:
     return {"cityscapes": "cityscapes", "synthetic": "cityscapes", "ade20k": "ade20k"}.get(cfg.data.dataset, "generic")
 
@@ -266,17 +342,24 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     evaluate.add_argument("--mode", choices=("whole", "slide", "multiscale"), help="inference mode (default: the config's eval.mode)")
+    evaluate.add_argument(
+        "--output", type=Path, help="JSON file for the results (default: beside the checkpoint, <name>.eval-<mode>.json)"
+    )
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     evaluate.set_defaults(handler=_cmd_eval)
 
     predict = commands.add_parser(
         "predict",
-        help="write colour label maps and overlays for a folder of images",
-        description="Predict every image in --input; writes <name>_label.png (colour palette) and an overlay per image.",
+        help="write colour label maps and overlays for an image or a folder of images",
+        description="Predict an image or every image under --input; writes <name>.png (class ids with a colour palette) "
+        "and <name>_overlay.jpg per image. Inputs are never written; two inputs never share an output name "
+        "(scene.jpg and scene.png give scene_jpg.png and scene_png.png); the output folder is not read as input; "
+        "an unreadable image is reported and skipped (exit code 1).",
     )
     predict.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
-    predict.add_argument("--input", required=True, type=Path, help="folder of images")
-    predict.add_argument("--output", required=True, type=Path, help="folder to write into (created)")
+    predict.add_argument("--input", required=True, type=Path, help="an image file or a folder of images (subfolders included)")
+    predict.add_argument("--output", required=True, type=Path, help="folder to write into (created; not the input folder)")
+    predict.add_argument("--overwrite", action="store_true", help="replace output files left by an earlier run")
     predict.add_argument("--mode", choices=("whole", "slide", "multiscale"), help="inference mode (default: the config's eval.mode)")
     predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the labels (default 0.5)")
     predict.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
@@ -285,13 +368,36 @@ def _build_parser() -> argparse.ArgumentParser:
     offsets = commands.add_parser(
         "offsets",
         help="render the learned offset fields of an image as flow-colour pictures",
-        description="Run the model on one image and write one flow-colour image per AlignFA/AlignCM module.",
+        description="Run the model on an image and write one flow-colour image per AlignFA/AlignCM module; for a "
+        "folder of images, into one subfolder per image.",
     )
     offsets.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
-    offsets.add_argument("--input", required=True, type=Path, help="an image file")
-    offsets.add_argument("--output", required=True, type=Path, help="folder to write into (created)")
+    offsets.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
+    offsets.add_argument("--output", required=True, type=Path, help="folder to write into (created; new or empty)")
+    offsets.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     offsets.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     offsets.set_defaults(handler=_cmd_offsets)
+
+    config = commands.add_parser(
+        "config",
+        help="print the resolved config of a preset or YAML file with overrides, and every override key",
+        description="Print the config a command would use (YAML), then each override key with its type and value.",
+    )
+    config.add_argument("config", nargs="?", help="a preset name or a YAML file (default: synthetic)")
+    config.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    config.set_defaults(handler=_cmd_config)
+
+    check = commands.add_parser(
+        "check-data",
+        help="decode every image and label of a dataset and report each bad file",
+        description="Read every image/label pair of the config's dataset (decoding, sizes, label values) with a "
+        "progress bar; prints sizes and classes found and one line per bad file. Exit code 1 when any is bad.",
+    )
+    check.add_argument("--config", help="a preset name or a YAML file (default: synthetic)")
+    check.add_argument("--split", action="append", choices=("train", "val"), help="check only this split (repeatable)")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    check.set_defaults(handler=_cmd_check_data)
 
     info = commands.add_parser(
         "info",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -71,6 +72,10 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = 8
     workers: int = 4
+    # What a training sample whose image or label file cannot be read does: stop (the run stops with
+    # the file's name) | skip (a warning naming the file, the next readable sample takes its place).
+    # Evaluation always stops: a metric over part of the set is not the set's metric.
+    on_corrupt: str = "stop"
     # Extra keyword arguments for alignseg.data.build_dataset (folder datasets: image_dir, mask_dir, ...).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -133,8 +138,10 @@ class EvalConfig:
     """Validation: whole image, sliding window, or multi-scale with flip."""
 
     mode: str = "whole"  # whole | slide | multiscale
-    tile: tuple[int, int] = (769, 769)
-    stride: tuple[int, int] = (513, 513)
+    # Sliding window. slide: null = the training crop (data.crop_size), so the tile follows the data.
+    # multiscale: null = each scale run whole; a tile slides it at each scale.
+    tile: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None  # null = two thirds of the tile
     scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = False  # also average the horizontally flipped image (any mode)
     batch_size: int = 1
@@ -160,6 +167,7 @@ class Config:
 
 CHOICES = {
     "data.dataset": ("cityscapes", "ade20k", "folder", "synthetic"),
+    "data.on_corrupt": ("stop", "skip"),
     "optim.name": ("sgd", "adamw"),
     "loss.name": ("ce", "ohem", "lovasz", "ce_lovasz"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -177,7 +185,10 @@ def list_presets() -> list[str]:
 def default_synthetic_root() -> Path:
     """Where the built-in synthetic dataset is generated: ``$ALIGNSEG_DATA`` or the user cache."""
     if os.environ.get("ALIGNSEG_DATA"):
-        return Path(os.environ["ALIGNSEG_DATA"]).expanduser() / "synthetic_cityscapes"
+        folder = Path(os.environ["ALIGNSEG_DATA"]).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"ALIGNSEG_DATA={folder} is a file; it must name a folder to keep datasets in")
+        return folder / "synthetic_cityscapes"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return cache / "alignseg" / "synthetic_cityscapes"
 
@@ -258,20 +269,84 @@ def validate(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be 0 or more, got {value}")
+    if cfg.eval.tile is None and cfg.eval.stride is not None:
+        raise ConfigError(f"eval.stride={list(cfg.eval.stride)} needs eval.tile (eval.tile=null runs whole images)")
     for key, size in {
         "data.crop_size": cfg.data.crop_size,
         "data.synthetic_size": cfg.data.synthetic_size,
-        "eval.tile": cfg.eval.tile,
-        "eval.stride": cfg.eval.stride,
+        "eval.tile": cfg.eval.tile or (1, 1),
+        "eval.stride": cfg.eval.stride or (1, 1),
     }.items():
         if min(size) < 1:
             raise ConfigError(f"{key} must be two positive sizes [height, width], got {list(size)}")
+    _check_numbers(cfg)
     if not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
         raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {list(cfg.data.scale_range)}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
         raise ConfigError(f"eval.scales must be a non-empty list of positive numbers, got {list(cfg.eval.scales)}")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every float setting finite, and in its range: a NaN passes ``x <= 0`` checks, so test ranges positively."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"{section.name}.{item.name} must be a finite number, got {value!r}")
+    o = cfg.optim
+    ranges = {
+        "optim.lr": (o.lr, "a positive number", o.lr > 0),
+        "optim.momentum": (o.momentum, "in [0, 1)", 0 <= o.momentum < 1),
+        "optim.weight_decay": (o.weight_decay, "0 or more", o.weight_decay >= 0),
+        "optim.poly_power": (o.poly_power, "0 or more", o.poly_power >= 0),
+        "optim.warmup_start_factor": (o.warmup_start_factor, "in (0, 1]", 0 < o.warmup_start_factor <= 1),
+        "optim.betas": (list(o.betas), "two numbers in [0, 1)", all(0 <= b < 1 for b in o.betas)),
+        "loss.aux_weight": (cfg.loss.aux_weight, "0 or more", cfg.loss.aux_weight >= 0),
+        "data.jitter": (cfg.data.jitter, "0 or more", cfg.data.jitter >= 0),
+        "data.std": (list(cfg.data.std), "three positive numbers", all(v > 0 for v in cfg.data.std)),
+    }
+    for key, (value, expected, ok) in ranges.items():
+        if not ok:
+            raise ConfigError(f"{key} must be {expected}, got {value}")
+
+
+def eval_setting(cfg: Config) -> dict[str, Any]:
+    """The keyword arguments of :func:`alignseg.evaluation.build_inference_mode` for ``cfg.eval``.
+
+    ``slide`` without a tile slides the training crop (``data.crop_size``): the tile follows the data.
+    """
+    e = cfg.eval
+    tile = e.tile if e.tile is not None or e.mode != "slide" else cfg.data.crop_size
+    return {
+        "mode": e.mode,
+        "tile": tuple(tile) if tile is not None else None,
+        "stride": tuple(e.stride) if e.stride is not None else None,
+        "scales": tuple(e.scales),
+        "flip": e.flip,
+    }
+
+
+def describe_keys(cfg: Config | None = None) -> list[str]:
+    """One line per override key: ``section.key  type  = value`` (and the choices), for ``alignseg config``."""
+    cfg = cfg or Config()
+    lines = []
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            lines.append(f"{section.name}  str  = {values!r}")
+            continue
+        hints = typing.get_type_hints(type(values))
+        for item in dataclasses.fields(values):
+            key = f"{section.name}.{item.name}"
+            kind = str(hints[item.name]).replace("typing.", "")
+            kind = {"<class 'int'>": "int", "<class 'float'>": "float", "<class 'str'>": "str", "<class 'bool'>": "bool"}.get(kind, kind)
+            choices = f"  (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
+            lines.append(f"{key}  {kind}  = {_plain(getattr(values, item.name))!r}{choices}")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,8 +112,9 @@ def test_predict_folder_writes_label_pngs_and_overlays(tmp_path):
     Image.fromarray(photo).save(tmp_path / "in" / "a.png")
     Image.fromarray(photo[:, ::-1]).save(tmp_path / "in" / "sub" / "b.jpg", quality=100)
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    written = predict_folder(RedIsCar(), tmp_path / "in", tmp_path / "out", progress=False)
-    assert [p.relative_to(tmp_path / "out").as_posix() for pair in written for p in pair] == [
+    run = predict_folder(RedIsCar(), tmp_path / "in", tmp_path / "out", progress=False)
+    assert not run.failed
+    assert [p.relative_to(tmp_path / "out").as_posix() for pair in run.written for p in pair] == [
         "a.png", "a_overlay.jpg", "sub/b.png", "sub/b_overlay.jpg"
     ]  # fmt: skip
     expected = np.where(photo[..., 0] > 127, 13, 0)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from .ade20k import ADE20KDataset
 from .base import SegmentationDataset, check_label_values
+from .check import DatasetReport, SkipCorrupt, check_dataset
 from .cityscapes import CityscapesDataset
 from .convention import IMAGENET_CONVENTION, InputConvention
 from .folder import FolderDataset
+from .images import DataFileError, read_rgb_image
 from .loader import build_loader, seed_worker
 from .metainfo import (
     ADE20K_CLASSES,
@@ -73,7 +75,9 @@ __all__ = [
     "CityscapesDataset",
     "DATASETS",
     "METAINFO",
+    "DataFileError",
     "DatasetMeta",
+    "DatasetReport",
     "FolderDataset",
     "InputConvention",
     "IGNORE_INDEX",
@@ -82,13 +86,16 @@ __all__ = [
     "IMAGENET_STD",
     "SYNTHETIC_TRAIN_IDS",
     "SegmentationDataset",
+    "SkipCorrupt",
     "build_dataset",
     "build_eval_transform",
     "build_loader",
     "build_train_transform",
+    "check_dataset",
     "check_label_values",
     "cityscapes_ids_to_train_ids",
     "get_metainfo",
     "make_synthetic_cityscapes",
+    "read_rgb_image",
     "seed_worker",
 ]

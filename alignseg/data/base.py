@@ -17,17 +17,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .metainfo import IGNORE_INDEX, DatasetMeta
+from .images import DataFileError, read_label_array, read_rgb_image
 
 PairTransform = Callable[[Image.Image, Image.Image], tuple[Tensor, Tensor]]
 
 
 def report_bad_values(path: str | Path, raw: np.ndarray, bad: np.ndarray, expected: str) -> None:
-    """Raise ``ValueError`` naming ``path`` and the distinct values of ``raw`` where ``bad`` is set, if any."""
+    """Raise :class:`DataFileError` (a ``ValueError``) naming ``path`` and the distinct values of ``raw`` where ``bad`` is set."""
     if not bad.any():
         return
     values = np.unique(raw[bad])
     shown = ", ".join(str(v) for v in values[:20]) + (", ..." if len(values) > 20 else "")
-    raise ValueError(
+    raise DataFileError(
         f"label file {path} holds values outside {expected}: {shown} ({int(bad.sum())} pixels); "
         f"check the dataset layout and its label mapping"
     )
@@ -72,27 +73,25 @@ class SegmentationDataset(Dataset):
     def load_label(self, index: int) -> np.ndarray:
         """The train-id label of item ``index`` as an int64 array, checked against ``num_classes``."""
         label_path = self.files[index][1]
-        with Image.open(label_path) as raw:
-            raw_array = np.asarray(raw)
-        if raw_array.ndim != 2:
-            raise ValueError(
-                f"label file {label_path} must be a single-channel image of class ids, got shape {raw_array.shape} "
-                f"(a colour-coded mask needs converting to ids first)"
-            )
+        raw_array = read_label_array(label_path)
         label = self.map_label(raw_array, label_path)
         check_label_values(label, self.num_classes, label_path)
         return label
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def load_pair(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """(RGB image, train-id label array) of item ``index``, decoded and checked; errors name the file."""
         image_path, label_path = self.files[index]
-        with Image.open(image_path) as raw:
-            image = raw.convert("RGB")
+        image = read_rgb_image(image_path)
         label = self.load_label(index)
         if label.shape != (image.height, image.width):
-            raise ValueError(
+            raise DataFileError(
                 f"label {label_path} has size {label.shape[1]}x{label.shape[0]} but image {image_path} has "
                 f"{image.width}x{image.height}"
             )
+        return image, label
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, label = self.load_pair(index)
         return self.transform(image, Image.fromarray(label.astype(np.uint8)))  # 2-D uint8: mode "L"
 
     def __repr__(self) -> str:

@@ -32,6 +32,8 @@ class SegmentationMetrics(Mapping):
     num_pixels: int
     mode: str = ""
     class_names: Sequence[str] = field(default_factory=tuple)
+    # Pixel counts, rows = ground truth, columns = prediction (kept out of as_dict: logs stay short).
+    confusion: list[list[int]] = field(default_factory=list)
 
     @property
     def num_present(self) -> int:
@@ -181,6 +183,7 @@ class ConfusionMatrix:
             num_pixels=int(total),
             mode=mode,
             class_names=tuple(class_names or ()),
+            confusion=m.long().tolist(),
         )
 
     def format_table(self, class_names: Sequence[str] | None = None, mode: str = "") -> str:

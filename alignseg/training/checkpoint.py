@@ -3,21 +3,24 @@
 A checkpoint is a plain dict (loadable with ``torch.load(..., weights_only=True)``)::
 
     format, version, iteration, model (unwrapped state_dict), optimizer, scheduler, scaler,
-    rng (torch, cuda, numpy, python), config (a plain dict), best_miou, nonfinite_steps, data, metrics
+    rng (torch, cuda, numpy, python), config (a plain dict), best_miou, nonfinite_steps, data, metrics,
+    digest (SHA-256 of everything else, checked on load: flipped bytes in tensor data are caught)
 
 Files in a run folder: ``checkpoint_<iteration>.pt`` (the last ``keep_last`` kept) and ``best.pt``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
 import re
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -80,18 +83,57 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over every entry of ``state`` except ``digest`` and ``path``: keys, tensor dtypes, shapes and bytes.
+
+    Lists and tuples hash alike (a checkpoint round trip may turn one into the other).
+    """
+    sha = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1)
+            sha.update(f"T{data.dtype}{tuple(value.shape)}".encode())
+            sha.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        elif isinstance(value, dict):
+            sha.update(b"{")
+            for key in sorted(value, key=str):
+                sha.update(f"{type(key).__name__}:{key}=".encode())
+                feed(value[key])
+            sha.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            sha.update(b"[")
+            for item in value:
+                feed(item)
+            sha.update(b"]")
+        else:
+            sha.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed({k: v for k, v in state.items() if k not in ("digest", "path")})
+    return sha.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
 
     A crash mid-write leaves the previous file intact (never a truncated checkpoint).
     """
+    state = {"format": FORMAT, "version": VERSION, **{k: v for k, v in state.items() if k not in ("digest", "path")}}
+    state["digest"] = state_digest(state)
+    return write_atomic(path, lambda handle: torch.save(state, handle))
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(binary file)`` on a temporary file beside ``path``, sync it, then ``os.replace`` it onto ``path``.
+
+    Readers see the old file or the new one, never a half-written one, even after ``kill -9``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "version": VERSION, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -99,6 +141,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_atomic` for text (UTF-8)."""
+    return write_atomic(path, lambda handle: handle.write(text.encode()))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -133,6 +180,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if state["version"] > VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {state['version']}, newer than this alignseg reads ({VERSION})"
+        )
+    if "digest" in state and state_digest(state) != state["digest"]:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its contents do not match the SHA-256 digest stored when it was saved "
+            f"(bytes changed on disk or in a copy); use another checkpoint of the run"
         )
     state["path"] = str(path)
     return state
@@ -179,6 +231,15 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be at least 1, got {keep_last}")
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete temporary files of checkpoint writes cut short (``kill -9`` mid-save); returns them."""
+        if not self.run_dir.is_dir():
+            return []
+        partial = [p for p in self.run_dir.glob(".*.pt.*.tmp") if p.is_file()]
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return partial
 
     def save(self, state: dict[str, Any]) -> Path:
         path = save_checkpoint(self.run_dir / f"checkpoint_{state['iteration']:07d}.pt", state)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .. import data as data_lib
 from .. import evaluation, losses, models
-from ..config import Config, ConfigError, apply_overrides, config_from_dict, default_synthetic_root
+from ..config import Config, ConfigError, apply_overrides, config_from_dict, default_synthetic_root, eval_setting
 from ..ops import get_backend
 from . import distributed as dist_utils
 from .checkpoint import (
@@ -36,6 +36,7 @@ from .checkpoint import (
     load_model_state,
     restore_rng_state,
     unwrap_model,
+    write_text_atomic,
 )
 from .data_order import ResumableDistributedSampler, SeededSamples
 from .distributed import DistributedContext
@@ -47,6 +48,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because too many steps had a NaN or infinite loss."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Training stopped because weights or BatchNorm statistics became NaN or infinite; nothing was saved."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,16 +128,11 @@ def evaluate_sharded(
     loader = data_lib.build_loader(
         shard, cfg.eval.batch_size, train=False, workers=min(cfg.data.workers, 2), generator=torch.Generator()
     )
-    e = cfg.eval
     return evaluation.evaluate(
         model,
         loader,
         cfg.data.num_classes,
-        mode=e.mode,
-        tile=tuple(e.tile),
-        stride=tuple(e.stride),
-        scales=tuple(e.scales),
-        flip=e.flip,
+        **eval_setting(cfg),
         progress=progress and ctx.is_main,
         class_names=getattr(dataset, "class_names", None),
         distributed=ctx.is_distributed,
@@ -167,11 +167,12 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            add_file_log(self.run_dir)
-            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-        self._describe_setup()
+        if self.resume_state is None:
+            _check_new_run_dir(self.run_dir)
+        elif self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"train.run_dir {self.run_dir} is a file, not a folder")
+        # Nothing is written into the run folder until every check below has passed (the datasets, the
+        # model, a resumed optimiser state): a refused start leaves no folder and no changed config.yaml.
 
         datasets = build_datasets(self.cfg, self.ctx)
         self.train_set, self.val_set = datasets["train"], datasets["val"]
@@ -182,8 +183,9 @@ class Trainer:
                 f"the training set has {len(self.train_set)} images, fewer than one batch of {self.per_rank_batch} "
                 f"per process; lower data.batch_size"
             )
+        samples = data_lib.SkipCorrupt(self.train_set) if cfg.data.on_corrupt == "skip" else self.train_set
         self.loader = data_lib.build_loader(
-            SeededSamples(self.train_set),
+            SeededSamples(samples),
             self.per_rank_batch,
             train=True,
             workers=cfg.data.workers,
@@ -218,6 +220,9 @@ class Trainer:
         self.best_miou = -math.inf
         self.nonfinite_steps = 0
         self.last_eval: dict[str, Any] | None = None
+        # The loss sum and step count since the last metrics record; saved, so a resumed run logs the
+        # same averages as an uninterrupted one.
+        self.window_loss, self.window_steps = 0.0, 0
         if self.resume_state is not None:
             self._load_training_state(self.resume_state)
 
@@ -238,7 +243,17 @@ class Trainer:
             log.info("compiling the model with torch.compile (the first steps are slow while it compiles)")
             self.train_model = torch.compile(self.train_model)
         self.checkpoints = CheckpointManager(self.run_dir, t.keep_last)
-        self.metrics = MetricsLog(self.run_dir, t.tensorboard) if self.ctx.is_main else None
+        self.metrics = None
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            add_file_log(self.run_dir)
+            write_text_atomic(self.run_dir / "config.yaml", self.cfg.to_yaml())
+            for partial in self.checkpoints.remove_partial_writes():
+                log.info("removed %s, a checkpoint write cut short", partial.name)
+            self.metrics = MetricsLog(self.run_dir, t.tensorboard, start_iteration=self.iteration)
+        self._describe_setup()
+        if self.resume_state is not None:  # logged here, once train.log is open
+            log.info("resumed from %s at iteration %d of %d", self.resume_state["path"], self.iteration, t.iterations)
 
     # ------------------------------------------------------------------------------------------
 
@@ -256,7 +271,7 @@ class Trainer:
             disable=not (t.progress and self.ctx.is_main),
         )
         batches = self._batches(self.iteration)
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window_start = time.perf_counter()
         try:
             while self.iteration < t.iterations:
                 images, labels = next(batches)
@@ -264,13 +279,13 @@ class Trainer:
                 self.iteration += 1
                 bar.update(1)
                 if loss is not None:
-                    window_loss += loss
-                    window_steps += 1
+                    self.window_loss += loss
+                    self.window_steps += 1
                 if self.iteration % t.log_every == 0 or self.iteration == t.iterations:
                     elapsed = time.perf_counter() - window_start
                     steps = max(1, t.log_every if self.iteration % t.log_every == 0 else self.iteration % t.log_every)
                     record = {
-                        "loss": window_loss / window_steps if window_steps else math.nan,
+                        "loss": self.window_loss / self.window_steps if self.window_steps else math.nan,
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "images_per_s": steps * self.cfg.data.batch_size / max(elapsed, 1e-9),
                         "epoch": self.iteration // self.batches_per_epoch,
@@ -279,7 +294,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
                     if self.metrics is not None:
                         self.metrics.write("train", self.iteration, record)
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                    self.window_loss, self.window_steps, window_start = 0.0, 0, time.perf_counter()
                 final = self.iteration == t.iterations
                 if final or (t.eval_every and self.iteration % t.eval_every == 0):
                     self._validate()
@@ -288,8 +303,12 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             if not self.ctx.is_distributed and self.iteration > 0:
-                path = self._save()
-                log.warning("interrupted at iteration %d; resume with: alignseg train --resume %s", self.iteration, path)
+                try:
+                    path = self._save()
+                except NonFiniteWeightsError as err:
+                    log.error("interrupted at iteration %d; nothing saved: %s", self.iteration, err)
+                else:
+                    log.warning("interrupted at iteration %d; resume with: alignseg train --resume %s", self.iteration, path)
             raise
         finally:
             bar.close()
@@ -358,7 +377,20 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
 
+    def _check_finite_weights(self) -> None:
+        """Raise :class:`NonFiniteWeightsError` when a weight or BatchNorm statistic is NaN or infinite."""
+        tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
+        if not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
+            return
+        names = [n for n, t in unwrap_model(self.model).state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        raise NonFiniteWeightsError(
+            f"stopping at iteration {self.iteration}: {len(names)} weight tensors hold NaN or infinite values "
+            f"(e.g. {', '.join(names[:3])}); no checkpoint of them was saved. The last checkpoints in {self.run_dir} "
+            f"are from before; try a lower optim.lr or train.amp=none."
+        )
+
     def _validate(self) -> evaluation.SegmentationMetrics:
+        self._check_finite_weights()
         if self.ctx.is_distributed:
             # Without SyncBatchNorm (CPU) the ranks' running statistics drift apart between DDP's
             # broadcasts; every shard must be evaluated with the same model, rank 0's (the one saved).
@@ -368,7 +400,7 @@ class Trainer:
         results = evaluate_sharded(self.model, self.val_set, self.cfg, self.ctx, progress=self.cfg.train.progress)
         self.model.train()
         miou = float(results["miou"])
-        is_best = miou > self.best_miou
+        is_best = math.isfinite(miou) and miou > self.best_miou
         self.best_miou = max(self.best_miou, miou)
         self.last_eval = {"iteration": self.iteration, **results.as_dict()}
         log.info("iteration %d: val %s%s", self.iteration, results.summary(), " - best so far" if is_best else "")
@@ -401,10 +433,12 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "data": {"world_size": self.ctx.world_size, "per_rank_batch": self.per_rank_batch, "seed": self.cfg.train.seed},
             "metrics": self.last_eval,
+            "log_window": {"loss_sum": self.window_loss, "steps": self.window_steps},
             "torch_version": str(torch.__version__),
         }
 
     def _save(self, best: bool = False) -> Path | None:
+        self._check_finite_weights()  # a broken model is never kept as "latest" or "best"
         state = self._training_state()  # collective under DDP: every rank takes part
         path = None
         if self.ctx.is_main:
@@ -429,6 +463,8 @@ class Trainer:
         self.best_miou = state.get("best_miou") if state.get("best_miou") is not None else -math.inf
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.last_eval = state.get("metrics")
+        window = state.get("log_window") or {}
+        self.window_loss, self.window_steps = float(window.get("loss_sum", 0.0)), int(window.get("steps", 0))
         saved = state.get("data") or {}
         if saved.get("world_size") != self.ctx.world_size or saved.get("per_rank_batch") != self.per_rank_batch:
             log.warning(
@@ -442,7 +478,6 @@ class Trainer:
         rng_states = state.get("rng") or []
         if rng_states:
             restore_rng_state(rng_states[self.ctx.rank] if len(rng_states) == self.ctx.world_size else rng_states[0])
-        log.info("resumed from %s at iteration %d of %d", path, self.iteration, self.cfg.train.iterations)
 
     # ------------------------------------------------------------------------------------------
 
@@ -486,12 +521,31 @@ class Trainer:
         )
 
 
+def _check_new_run_dir(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds another run (its config, logs and checkpoints stay)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir {run_dir} is a file, not a folder")
+    if run_dir.is_dir():
+        taken = sorted(p.name for p in run_dir.iterdir() if p.name in ("config.yaml", "metrics.jsonl", "best.pt") or p.suffix == ".pt")
+        if taken:
+            raise ConfigError(
+                f"train.run_dir {run_dir} already holds a run ({', '.join(taken[:3])}); continue it with "
+                f"`alignseg train --resume {run_dir}` or choose another train.run_dir"
+            )
+
+
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Train ``cfg`` and return the final validation metrics (see :class:`Trainer`)."""
     return Trainer(cfg, resume=resume).fit()
 
 
 def config_for_resume(path: str | Path, overrides: list[str]) -> Config:
-    """The config stored in checkpoint ``path``, with ``overrides`` applied (e.g. more iterations)."""
+    """The config stored in checkpoint ``path``, with ``overrides`` applied (e.g. more iterations).
+
+    The run continues in the checkpoint's folder (a moved or copied run folder included) unless
+    ``train.run_dir`` is overridden.
+    """
     state = load_checkpoint(path)
-    return apply_overrides(config_from_dict(state["config"], origin=f"checkpoint {state['path']}"), overrides)
+    cfg = config_from_dict(state["config"], origin=f"checkpoint {state['path']}")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(Path(state["path"]).parent)))
+    return apply_overrides(cfg, overrides)
