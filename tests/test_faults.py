@@ -452,11 +452,11 @@ def test_the_slide_tile_follows_the_data_and_multiscale_can_run_whole():
     from alignseg.evaluation import build_inference_mode
 
     demo = build_inference_mode(**eval_setting(load_config("synthetic", ["eval.mode=slide"])))
-    assert demo.tile == (128, 128)  # the demo's crop, not Cityscapes' 769
+    assert demo.tile == (128, 128)  # the demo's crop, not Cityscapes' 872
     whole_scales = build_inference_mode(**eval_setting(load_config("synthetic", ["eval.mode=multiscale", "eval.tile=null"])))
     assert whole_scales.tile is None and len(whole_scales.scales) == 5
     cityscapes = build_inference_mode(**eval_setting(load_config("cityscapes", ["eval.mode=slide"])))
-    assert cityscapes.tile == (769, 769) and cityscapes.stride == (513, 513)
+    assert cityscapes.tile == (872, 872) and cityscapes.stride == (582, 582)  # the authors' evaluate.py
 
 
 def test_eval_writes_a_json_report_beside_the_checkpoint(tmp_path, capsys):
@@ -483,5 +483,5 @@ def test_config_command_prints_the_resolved_config_and_the_keys(capsys):
     import yaml
 
     resolved = yaml.safe_load(out)
-    assert resolved["train"]["iterations"] == 7 and resolved["eval"]["tile"] == [769, 769]
+    assert resolved["train"]["iterations"] == 7 and resolved["eval"]["tile"] == [872, 872]
     assert "#   optim.lr  float  = 0.01" in out and "#   data.on_corrupt  str  = 'stop'  (one of stop, skip)" in out
