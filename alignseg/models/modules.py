@@ -38,6 +38,19 @@ def upsample(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+def match_dtype(features: Tensor, source: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """``source`` in the dtype of ``features``, and ``offsets`` too unless fp32: what the alignment ops accept.
+
+    Under CUDA autocast the bilinear upsample runs in fp32 while convolutions give bf16/fp16, so a map
+    that went through an upsample reaches the op in another dtype than its partner.
+    """
+    if source.dtype != features.dtype:
+        source = source.to(features.dtype)
+    if offsets.dtype not in (torch.float32, features.dtype):
+        offsets = offsets.to(features.dtype)
+    return source, offsets
+
+
 class ConvNormAct(nn.Sequential):
     """Convolution (no bias: a norm follows), normalisation, activation."""
 
@@ -145,6 +158,7 @@ class AlignFA(nn.Module):
         if self.upsample_high_first:
             high = upsample(high, low.shape[-2:])
         offsets = torch.cat([self.offset_high(low, high), self.offset_low(low, high)], dim=1)
+        high, offsets = match_dtype(low, high, offsets)
         out = align_fa(low, high, offsets)
         return (out, offsets) if return_offsets else out
 
@@ -185,6 +199,7 @@ class AlignCM(nn.Module):
         context = self.context(self.pool(x))
         local = self.local(x)
         offsets = self.offset(local, context)
+        context, offsets = match_dtype(local, context, offsets)
         out = align_cm(context, offsets, local)
         return (out, offsets) if return_offsets else out
 
