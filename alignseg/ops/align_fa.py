@@ -10,21 +10,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import require_triton, use_triton
+from .backend import alert_nondeterministic, require_triton, select_backend
 from .sampling import (
     check_feature_map,
     check_offsets,
     check_same_device,
+    check_source_size,
     empty_output,
     output_memory_format,
+    sample_grid_sample,
     sample_reference,
 )
 
 
 def align_fa_reference(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
-    """Eager PyTorch version of :func:`align_fa` (no argument checks): the oracle and CPU path."""
+    """Eager PyTorch version of :func:`align_fa` (no argument checks), gathering the taps: the test oracle."""
     out = sample_reference(high, offsets[:, 0:2]) + sample_reference(low, offsets[:, 2:4])
     return out.contiguous(memory_format=output_memory_format(low))
+
+
+def align_fa_grid_sample(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
+    """:func:`align_fa` through ``F.grid_sample`` (no argument checks): the fast eager path, the reference's values."""
+    out = sample_grid_sample(high, offsets[:, 0:2]) + sample_grid_sample(low, offsets[:, 2:4])
+    return out.contiguous(memory_format=output_memory_format(low))
+
+
+# The eager formulations by backend name (alignseg.ops.backend.EAGER_BACKENDS); each takes checked arguments.
+EAGER_ALIGN_FA = {"grid_sample": align_fa_grid_sample, "reference": align_fa_reference}
 
 
 def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> None:
@@ -39,6 +51,7 @@ def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> None:
         raise TypeError(f"high must have low's dtype {low.dtype}, got {high.dtype}")
     check_offsets("offsets", offsets, 4, n, (h, w), low.dtype)
     check_same_device(low=low, high=high, offsets=offsets)
+    check_source_size("high", high, low.numel())
 
 
 def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
@@ -63,9 +76,10 @@ def align_fa(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
         torch.Size([2, 8, 32, 32])
     """
     _check_align_fa(low, high, offsets)
-    if use_triton(low.device):
+    backend = select_backend(low.device)
+    if backend == "triton" and low.numel() > 0:  # an empty output (N, C, H or W of 0) needs no kernel
         return torch.ops.alignseg.align_fa_forward(low, high, offsets)
-    return align_fa_reference(low, high, offsets)
+    return EAGER_ALIGN_FA.get(backend, align_fa_reference)(low, high, offsets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +104,7 @@ def _(low: Tensor, high: Tensor, offsets: Tensor) -> Tensor:
 @torch.library.custom_op("alignseg::align_fa_backward", mutates_args=())
 def _align_fa_backward(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     require_triton(low.device)
+    alert_nondeterministic("alignseg::align_fa_backward", low.device)
     from alignseg.kernels.align_fa import align_fa_backward
 
     return align_fa_backward(grad, low, high, offsets)
