@@ -19,10 +19,12 @@ import torch
 
 from alignseg.ops import align_fa_grid_sample, align_fa_reference
 
-# (N, C, (H, W) of low and the output, (h, w) of high): the shapes of issue 8.
+# (N, C, (H, W) of low and the output, (h, w) of high): the shapes of issue 8, then sizes that are not powers
+# of two (the network's own: the grid_sample path zero-pads its sources to a power of two first).
 SHAPES = (
     (2, 128, (64, 128), (32, 64)),
     (1, 256, (128, 256), (64, 128)),
+    (2, 128, (65, 129), (33, 65)),
 )
 PATHS: dict[str, Callable] = {"reference": align_fa_reference, "grid_sample": align_fa_grid_sample}
 
