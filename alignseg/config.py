@@ -112,7 +112,8 @@ class TrainConfig:
 
     iterations: int = 40000
     seed: int = 0
-    # Bit-reproducible runs (torch.use_deterministic_algorithms); slower on GPUs.
+    # torch.use_deterministic_algorithms(True, warn_only=True): bit-reproducible on CPU on the same machine;
+    # on a GPU the Triton backward (atomics) is not, and warns.
     deterministic: bool = False
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)

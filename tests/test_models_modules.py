@@ -161,3 +161,35 @@ def test_backbone_stage_sizes_at_an_odd_input():
 def test_backbone_rejects_an_unknown_depth():
     with pytest.raises(ValueError, match="depth must be one of"):
         ResNetBackbone(42)
+
+
+@pytest.mark.parametrize("upsample_high_first", [False, True])
+def test_align_fa_runs_under_autocast_whose_upsample_returns_fp32(monkeypatch, upsample_high_first):
+    # CUDA autocast runs upsample_bilinear2d in fp32 (CPU autocast does not): emulate it on the CPU, so
+    # with upsample_high_first the upsampled high reaches the op as fp32 beside a bf16 low.
+    import alignseg.models.modules as modules
+
+    real_upsample = modules.upsample
+    monkeypatch.setattr(modules, "upsample", lambda x, size: real_upsample(x.float(), size))
+    module = AlignFA(8, nn.BatchNorm2d, ACT, upsample_high_first=upsample_high_first)
+    randomise_offset_predictors(module)
+    low, high = torch.randn(2, 8, 9, 11), torch.randn(2, 8, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(low.bfloat16(), high.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == low.shape
+    with torch.no_grad():
+        expected = module(low, high)  # fp32, no autocast
+    torch.testing.assert_close(out.float(), expected, atol=0.15, rtol=0.05)
+
+
+class ToFloat32(nn.Module):
+    def forward(self, x):
+        return x.float()
+
+
+def test_align_cm_runs_when_the_context_reaches_it_in_fp32_under_autocast():
+    module = AlignCM(8, 8, nn.BatchNorm2d, ACT, pool_size=3).eval()
+    module.context = nn.Sequential(module.context, ToFloat32())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(torch.randn(2, 8, 7, 9))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 7, 9)

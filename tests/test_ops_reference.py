@@ -133,7 +133,7 @@ FA_BAD = [
     ("not-a-tensor", dict(low=[[1.0]]), TypeError, "low must be a torch.Tensor"),
     ("rank", dict(high=torch.randn(3, 3, 3)), ValueError, "high must be a 4-D tensor"),
     ("integer", dict(low=torch.ones(LOW, dtype=torch.int64)), TypeError, "low must be a floating-point"),
-    ("empty", dict(high=torch.randn(2, 3, 0, 3)), ValueError, "high must not be empty"),
+    ("empty", dict(high=torch.randn(2, 3, 0, 3)), ValueError, "high must have at least one pixel to sample"),
     ("batch", dict(high=torch.randn(1, 3, 3, 3)), ValueError, "high must have the batch size and channels of low"),
     ("channels", dict(high=torch.randn(2, 4, 3, 3)), ValueError, "high must have the batch size and channels of low"),
     ("dtypes", dict(high=torch.randn(HIGH, dtype=torch.float64)), TypeError, "high must have low's dtype"),
@@ -195,11 +195,17 @@ def test_backend_names(monkeypatch):
         set_backend("reference")  # the fixture's state, restored by it afterwards
 
 
-def test_auto_uses_reference_on_cpu_without_interpreter(monkeypatch):
+def test_auto_uses_grid_sample_on_cpu_without_interpreter(monkeypatch):
+    import importlib
+
+    align_fa_module = importlib.import_module("alignseg.ops.align_fa")  # the attribute is the function
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls = []
+    monkeypatch.setitem(align_fa_module.EAGER_ALIGN_FA, "grid_sample", lambda *a: calls.append(a) or align_fa_reference(*a))
     args = fa_args()
     with use_backend("auto"):
         out = align_fa(**args)
+    assert len(calls) == 1
     torch.testing.assert_close(out, align_fa_reference(**args))
 
 

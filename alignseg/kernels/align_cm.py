@@ -14,6 +14,7 @@ import triton.language as tl
 from .bilinear import (
     align_corners_scale,
     bilinear_tap,
+    channel_offset,
     load_shift,
     output_pixels,
     sample_tile,
@@ -123,7 +124,7 @@ def align_cm_backward_kernel(
         weights_t = tl.trans(cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS))
         cells = tl.arange(0, CELLS)
         cell_rows = cells // k2
-        cell_at = (cell_rows * gc_stride_h + (cells - cell_rows * k2) * gc_stride_w).to(tl.int64)
+        cell_at = cell_rows.to(tl.int64) * gc_stride_h + (cells - cell_rows * k2).to(tl.int64) * gc_stride_w
         mask_cells = cells < k1 * k2
 
     context_at = context_ptr + n * ctx_stride_n
@@ -149,7 +150,7 @@ def align_cm_backward_kernel(
     out_ty = grad_offsets_ptr.dtype.element_ty
     go_at = grad_offsets_ptr + n * go_stride_n + rows * go_stride_h + cols * go_stride_w
     tl.store(go_at, (dfx * sx).to(out_ty), mask=mask_p)
-    tl.store(go_at + go_stride_c, (dfy * sy).to(out_ty), mask=mask_p)
+    tl.store(go_at + channel_offset(1, go_stride_c), (dfy * sy).to(out_ty), mask=mask_p)
 
 
 def plan_align_cm_forward(

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .bilinear import (
     align_corners_scale,
+    channel_offset,
     load_shift,
     output_pixels,
     sample_tile,
@@ -176,9 +177,9 @@ def align_fa_backward_kernel(
     out_ty = grad_offsets_ptr.dtype.element_ty
     go_at = grad_offsets_ptr + n * go_stride_n + rows * go_stride_h + cols * go_stride_w
     tl.store(go_at, (high_dfx * sx_warp).to(out_ty), mask=mask_p)
-    tl.store(go_at + go_stride_c, (high_dfy * sy_warp).to(out_ty), mask=mask_p)
-    tl.store(go_at + 2 * go_stride_c, (low_dfx * sx_low).to(out_ty), mask=mask_p)
-    tl.store(go_at + 3 * go_stride_c, (low_dfy * sy_low).to(out_ty), mask=mask_p)
+    tl.store(go_at + channel_offset(1, go_stride_c), (high_dfy * sy_warp).to(out_ty), mask=mask_p)
+    tl.store(go_at + channel_offset(2, go_stride_c), (low_dfx * sx_low).to(out_ty), mask=mask_p)
+    tl.store(go_at + channel_offset(3, go_stride_c), (low_dfy * sy_low).to(out_ty), mask=mask_p)
 
 
 def plan_align_fa_forward(

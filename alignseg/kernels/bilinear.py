@@ -26,8 +26,11 @@ def align_corners_scale(src_size, out_size, host_scale, ACC_DTYPE: tl.constexpr)
     gradient there (an IEEE division in the kernel costs ~70 registers). fp64 division is IEEE.
     """
     if ACC_DTYPE == tl.float64:
-        ratio = (src_size - 1).to(tl.float64) / tl.maximum(out_size - 1, 1).to(tl.float64)
-        return tl.where(out_size > 1, ratio, 0.0).to(tl.float64)
+        # tl.cast, not .to(): Triton passes an integer argument equal to 1 as a constant (a Python int).
+        src = tl.cast(src_size, tl.float64)
+        out = tl.cast(out_size, tl.float64)
+        ratio = (src - 1.0) / tl.maximum(out - 1.0, 1.0)
+        return tl.where(out > 1.0, ratio, 0.0).to(tl.float64)
     return tl.cast(host_scale, ACC_DTYPE)
 
 
@@ -228,6 +231,15 @@ def output_pixels(pid_p, H, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def channel_offset(index, stride_c):
+    """``index * stride_c`` in int64: a 32-bit product overflows once a map has over 2**31 / index pixels.
+
+    ``tl.cast``, not ``.to()``: a stride of 1 arrives as a constant (a Python int).
+    """
+    return index * tl.cast(stride_c, tl.int64)
+
+
+@triton.jit
 def load_shift(offsets_ptr, index, stride_c, pixel_offsets, mask_p, ACC_DTYPE: tl.constexpr):
     """Offset channel ``index`` at a block of pixels, as ACC_DTYPE."""
-    return tl.load(offsets_ptr + index * stride_c + pixel_offsets, mask=mask_p, other=0.0).to(ACC_DTYPE)
+    return tl.load(offsets_ptr + channel_offset(index, stride_c) + pixel_offsets, mask=mask_p, other=0.0).to(ACC_DTYPE)

@@ -7,6 +7,7 @@ interpreter gets few, large blocks instead (same kernels, different constexprs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -66,7 +67,20 @@ class KernelLaunch:
     num_warps: int
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+        with device_guard(self.args):
+            self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+def device_guard(args: tuple[Any, ...]) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device`` of the first tensor in ``args`` when it is a CUDA tensor, else a no-op.
+
+    Triton launches on the current CUDA device, not the tensors' (tensors on cuda:1 with device 0 current
+    would fail); the guard costs little when the device is already current.
+    """
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def interpreting() -> bool:

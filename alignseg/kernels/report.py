@@ -1,6 +1,6 @@
 """Compile every kernel ahead of time for NVIDIA GPUs (no GPU needed) and report registers and spills.
 
-    TRITON_INTERPRET=0 python -m alignseg.kernels.report [--arch 80 90] [--dtype float32 bfloat16] [--json]
+    TRITON_INTERPRET=0 python -m alignseg.kernels.report [--arch 80 90] [--dtype float32 bfloat16] [--shape example] [--json]
 
 Each kernel is compiled as the launchers launch it on a GPU: the launch plans of alignseg/kernels/align_fa.py
 and alignseg/kernels/align_cm.py (block sizes from ``GPU_CONFIGS``) over realistic arguments (N=2, C=256,
@@ -25,6 +25,15 @@ import tempfile
 import torch
 
 EXAMPLE_SHAPE = dict(n=2, c=256, out_h=128, out_w=256, coarse_h=64, coarse_w=128, context=3)
+# Edge shapes: Triton's JIT turns every integer argument equal to 1 into a constant and marks one divisible
+# by 16, so each shape below compiles different code (see tests/test_kernels_compile.py for the choice).
+SHAPES = {
+    "example": EXAMPLE_SHAPE,  # sizes and strides divisible by 16
+    "ones": dict(n=1, c=1, out_h=1, out_w=1, coarse_h=1, coarse_w=1, context=1),  # every size and stride 1
+    "row": dict(n=2, c=20, out_h=1, out_w=37, coarse_h=1, coarse_w=19, context=3),  # 1xW maps, C % 16 != 0
+    "column": dict(n=3, c=3, out_h=29, out_w=1, coarse_h=15, coarse_w=1, context=2),  # Hx1 maps, odd C
+}
+MIN_TRITON = (3, 3)  # triton.compiler.ASTSource(fn, signature, constexprs, attrs)
 SPILLED = 3  # exit status when a kernel spills (1 is Python's own for an uncaught error)
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -32,6 +41,7 @@ LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_
 @dataclasses.dataclass
 class KernelReport:
     kernel: str
+    shape: str
     arch: int
     dtype: str
     layout: str
@@ -44,12 +54,12 @@ class KernelReport:
     shared_bytes: int  # Triton's shared memory (the context reduction's tl.dot)
 
 
-def example_plans(dtype: torch.dtype, layout: torch.memory_format):
-    """(name, KernelLaunch) for every kernel, planned over meta tensors of EXAMPLE_SHAPE."""
+def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[str, int] = EXAMPLE_SHAPE):
+    """(name, KernelLaunch) for every kernel, planned over meta tensors of ``shape`` (keys of EXAMPLE_SHAPE)."""
     from .align_cm import plan_align_cm_backward, plan_align_cm_forward
     from .align_fa import plan_align_fa_backward, plan_align_fa_forward
 
-    s = EXAMPLE_SHAPE
+    s = shape
 
     def feature(h: int, w: int, channels: int = s["c"], dt: torch.dtype = dtype) -> torch.Tensor:
         return torch.empty(s["n"], channels, h, w, dtype=dt, device="meta", memory_format=layout)
@@ -96,6 +106,9 @@ def compile_launch(launch, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < MIN_TRITON:
+        raise RuntimeError(f"the kernel report needs triton >= {'.'.join(map(str, MIN_TRITON))} (ASTSource API), "
+                           f"found {triton.__version__}")
     kernel = launch.kernel
     if not isinstance(kernel, JITFunction):
         raise RuntimeError("the kernels were imported with TRITON_INTERPRET=1; run with TRITON_INTERPRET=0")
@@ -146,40 +159,58 @@ def cubin_usage(cubin: bytes) -> tuple[int, int, int]:
     return int(usage[1]), int(usage[3]), int(usage[2])
 
 
-def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_last",)) -> list[KernelReport]:
-    rows = []
-    for dtype in dtypes:
-        for layout in layouts:
-            for name, launch in example_plans(getattr(torch, dtype), LAYOUTS[layout]):
-                for arch in archs:
-                    compiled = compile_launch(launch, arch)
-                    registers, local_bytes, stack_bytes = cubin_usage(compiled.asm["cubin"])
-                    rows.append(KernelReport(
-                        name, arch, dtype, layout, launch.constexprs["BLOCK_P"], launch.constexprs["BLOCK_C"],
-                        launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
-                    ))
-    return rows
+def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_last",), shapes=("example",),
+           keep_going: bool = False) -> tuple[list[KernelReport], list[str]]:
+    """Compile every combination; returns the reports and, with ``keep_going``, the compile errors (else raises)."""
+    rows, errors = [], []
+    for shape in shapes:
+        for dtype in dtypes:
+            for layout in layouts:
+                for name, launch in example_plans(getattr(torch, dtype), LAYOUTS[layout], SHAPES[shape]):
+                    for arch in archs:
+                        try:
+                            compiled = compile_launch(launch, arch)
+                        except Exception as error:
+                            if not keep_going:
+                                raise
+                            errors.append(f"{name} {shape} sm_{arch} {dtype} {layout}: {type(error).__name__}: "
+                                          f"{str(error).strip()[-600:]}")
+                            continue
+                        registers, local_bytes, stack_bytes = cubin_usage(compiled.asm["cubin"])
+                        rows.append(KernelReport(
+                            name, shape, arch, dtype, layout, launch.constexprs["BLOCK_P"], launch.constexprs["BLOCK_C"],
+                            launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
+                        ))
+    return rows, errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--layout", nargs="+", default=["channels_last"], choices=sorted(LAYOUTS))
+    parser.add_argument("--shape", nargs="+", default=["example"], choices=list(SHAPES),
+                        help="argument shapes (see SHAPES); edge shapes exercise Triton's specialisation of 1s")
+    parser.add_argument("--keep-going", action="store_true", help="report compile errors at the end instead of stopping")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: the report compiles real kernels, run it with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
-    rows = report(args.arch, args.dtype, args.layout)
+    rows, errors = report(args.arch, args.dtype, args.layout, args.shape, keep_going=args.keep_going)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
     else:
-        header = f"{'kernel':<26} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} {'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8}"
+        header = f"{'kernel':<26} {'shape':<8} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} {'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8}"
         print(header)
         for r in rows:
-            print(f"{r.kernel:<26} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} {r.num_warps:>5} "
+            print(f"{r.kernel:<26} {r.shape:<8} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} {r.num_warps:>5} "
                   f"{r.registers:>5} {r.local_bytes:>9} {r.stack_bytes:>9} {r.shared_bytes:>8}")
+    for error in errors:
+        print("compile error:", error, file=sys.stderr)
+    if errors:
+        return 1
     # A stack frame at the register limit is spilled registers too (ptxas reports those as stack).
     spilled = [r for r in rows if r.local_bytes or r.stack_bytes]
     return SPILLED if spilled else 0

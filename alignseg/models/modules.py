@@ -57,6 +57,19 @@ def scale_offsets(offsets: Tensor, scale_x: float, scale_y: float) -> Tensor:
     return offsets * offsets.new_tensor([scale_x, scale_y] * pairs).view(1, 2 * pairs, 1, 1)
 
 
+def match_dtype(features: Tensor, source: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """``source`` in the dtype of ``features``, and ``offsets`` too unless fp32: what the alignment ops accept.
+
+    Under CUDA autocast the bilinear upsample runs in fp32 while convolutions give bf16/fp16, so a map
+    that went through an upsample reaches the op in another dtype than its partner.
+    """
+    if source.dtype != features.dtype:
+        source = source.to(features.dtype)
+    if offsets.dtype not in (torch.float32, features.dtype):
+        offsets = offsets.to(features.dtype)
+    return source, offsets
+
+
 class ConvNormAct(nn.Sequential):
     """Convolution (no bias: a norm follows), normalisation, activation."""
 
@@ -196,6 +209,7 @@ class AlignFA(nn.Module):
         if self.offset_convention == "authors":
             out_h, out_w = low.shape[-2:]
             offsets = scale_offsets(offsets, (out_w - 1) / (2 * out_h), (out_h - 1) / (2 * out_w))
+        high, offsets = match_dtype(low, high, offsets)
         out = align_fa(low, high, offsets, upsample_first=self.form == "exact")
         return (out, offsets) if return_offsets else out
 
@@ -256,6 +270,7 @@ class AlignCM(nn.Module):
                     f"along an axis of size 1 as the authors' grid does), got {out_h} x {out_w}"
                 )
             offsets = scale_offsets(offsets, (out_w - 1) / (2 * ctx_h), (out_h - 1) / (2 * ctx_w))
+        context, offsets = match_dtype(local, context, offsets)
         out = align_cm(context, offsets, local)
         return (out, offsets) if return_offsets else out
 

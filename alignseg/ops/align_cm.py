@@ -9,21 +9,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import require_triton, use_triton
+from .backend import alert_nondeterministic, require_triton, select_backend
 from .sampling import (
     check_feature_map,
     check_offsets,
     check_same_device,
+    check_source_size,
     empty_output,
     output_memory_format,
+    sample_grid_sample,
     sample_reference,
 )
 
 
 def align_cm_reference(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
-    """Eager PyTorch version of :func:`align_cm` (no argument checks): the oracle and CPU path."""
+    """Eager PyTorch version of :func:`align_cm` (no argument checks), gathering the taps: the test oracle."""
     out = sample_reference(context, offsets) + local
     return out.contiguous(memory_format=output_memory_format(local))
+
+
+def align_cm_grid_sample(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
+    """:func:`align_cm` through ``F.grid_sample`` (no argument checks): the fast eager path, the reference's values."""
+    out = sample_grid_sample(context, offsets) + local
+    return out.contiguous(memory_format=output_memory_format(local))
+
+
+# The eager formulations by backend name (alignseg.ops.backend.EAGER_BACKENDS); each takes checked arguments.
+EAGER_ALIGN_CM = {"grid_sample": align_cm_grid_sample, "reference": align_cm_reference}
 
 
 def _check_align_cm(context: Tensor, offsets: Tensor, local: Tensor) -> None:
@@ -38,6 +50,7 @@ def _check_align_cm(context: Tensor, offsets: Tensor, local: Tensor) -> None:
         raise TypeError(f"context must have local's dtype {local.dtype}, got {context.dtype}")
     check_offsets("offsets", offsets, 2, n, (h, w), local.dtype)
     check_same_device(context=context, offsets=offsets, local=local)
+    check_source_size("context", context, local.numel())
 
 
 def align_cm(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
@@ -57,9 +70,10 @@ def align_cm(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
         torch.Size([2, 8, 20, 20])
     """
     _check_align_cm(context, offsets, local)
-    if use_triton(local.device):
+    backend = select_backend(local.device)
+    if backend == "triton" and local.numel() > 0:  # an empty output (N, C, H or W of 0) needs no kernel
         return torch.ops.alignseg.align_cm_forward(context, offsets, local)
-    return align_cm_reference(context, offsets, local)
+    return EAGER_ALIGN_CM.get(backend, align_cm_reference)(context, offsets, local)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +98,7 @@ def _(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
 @torch.library.custom_op("alignseg::align_cm_backward", mutates_args=())
 def _align_cm_backward(grad: Tensor, context: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     require_triton(context.device)
+    alert_nondeterministic("alignseg::align_cm_backward", context.device)
     from alignseg.kernels.align_cm import align_cm_backward
 
     return align_cm_backward(grad, context, offsets)

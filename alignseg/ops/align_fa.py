@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import require_triton, use_triton
+from .backend import alert_nondeterministic, require_triton, select_backend
 from .sampling import (
     check_feature_map,
     check_offsets,
     check_same_device,
+    check_source_size,
     empty_output,
     output_memory_format,
     sample_grid_sample,
@@ -54,13 +55,15 @@ def align_fa_reference(low: Tensor, high: Tensor, offsets: Tensor, upsample_firs
 
 
 def align_fa_grid_sample(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
-    """:func:`align_fa` through ``F.interpolate`` and ``F.grid_sample`` (no argument checks).
+    """:func:`align_fa` through ``F.interpolate`` and ``F.grid_sample`` (no argument checks): the fast eager path.
 
     With ``upsample_first=True`` it is the authors' chain: ``F.interpolate(high, (H, W), mode="bilinear",
     align_corners=True)``, then a same-size ``F.grid_sample`` of it and of ``low`` (zero padding,
     align_corners=True) by the pixel offsets, added. Non-finite offsets follow the documented rule
     (:func:`~alignseg.ops.sampling.sample_grid_sample`), so it agrees with :func:`align_fa_reference`.
     """
+    if low.numel() == 0:  # F.interpolate rejects empty maps; the gather form gives the empty result and gradients
+        return align_fa_reference(low, high, offsets, upsample_first)
     if upsample_first:
         upsampled = F.interpolate(high.to(_compute_dtype(high)), size=low.shape[-2:], mode="bilinear", align_corners=True)
         high_part = sample_grid_sample(upsampled, offsets[:, 0:2]).to(high.dtype)
@@ -68,6 +71,10 @@ def align_fa_grid_sample(low: Tensor, high: Tensor, offsets: Tensor, upsample_fi
         high_part = sample_grid_sample(high, offsets[:, 0:2])
     out = high_part + sample_grid_sample(low, offsets[:, 2:4])
     return out.contiguous(memory_format=output_memory_format(low))
+
+
+# The eager formulations by backend name (alignseg.ops.backend.EAGER_BACKENDS); each takes checked arguments.
+EAGER_ALIGN_FA = {"grid_sample": align_fa_grid_sample, "reference": align_fa_reference}
 
 
 def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool) -> None:
@@ -84,6 +91,7 @@ def _check_align_fa(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: 
     check_same_device(low=low, high=high, offsets=offsets)
     if not isinstance(upsample_first, bool):
         raise TypeError(f"upsample_first must be a bool, got {type(upsample_first).__name__}")
+    check_source_size("high", high, low.numel())
 
 
 def align_fa(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> Tensor:
@@ -111,9 +119,10 @@ def align_fa(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = 
         torch.Size([2, 8, 32, 32])
     """
     _check_align_fa(low, high, offsets, upsample_first)
-    if use_triton(low.device):
+    backend = select_backend(low.device)
+    if backend == "triton" and low.numel() > 0:  # an empty output (N, C, H or W of 0) needs no kernel
         return torch.ops.alignseg.align_fa_forward(low, high, offsets, upsample_first)
-    return align_fa_reference(low, high, offsets, upsample_first)
+    return EAGER_ALIGN_FA.get(backend, align_fa_reference)(low, high, offsets, upsample_first)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +149,7 @@ def _align_fa_backward(
     grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     require_triton(low.device)
+    alert_nondeterministic("alignseg::align_fa_backward", low.device)
     from alignseg.kernels.align_fa import align_fa_backward
 
     return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)

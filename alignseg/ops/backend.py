@@ -1,13 +1,20 @@
-"""Which implementation the alignment ops run on: the Triton kernels or the eager reference.
+"""Which implementation the alignment ops run on: the Triton kernels or one of two eager formulations.
 
 The choice comes from the environment variable ``ALIGNSEG_BACKEND``, or from
 :func:`set_backend` / :func:`use_backend` in code (these win over the variable):
 
 * ``auto`` (default): Triton for CUDA tensors; for CPU tensors Triton only when
-  ``TRITON_INTERPRET=1`` is set (the Triton interpreter), else the eager reference.
-  Where Triton is not installed, always the reference.
+  ``TRITON_INTERPRET=1`` is set (the Triton interpreter), else ``grid_sample``.
+  Where Triton is not installed, always ``grid_sample``.
 * ``triton``: always the kernels; a clear ``RuntimeError`` if they cannot run.
-* ``reference``: always the eager PyTorch reference.
+* ``grid_sample``: the fast eager formulation, one ``F.grid_sample`` per sampled map
+  (:func:`alignseg.ops.sample_grid_sample`); same values, gradients and NaN rule as the reference.
+* ``reference``: the eager gather reference (:func:`alignseg.ops.sample_reference`), the test
+  oracle: independent of ``grid_sample``, 5-10x slower on the CPU.
+
+The Triton backward accumulates with atomics, so it is not bit-reproducible on a GPU: with
+``torch.use_deterministic_algorithms(True)`` it warns or raises like PyTorch's own
+nondeterministic ops (:func:`alert_nondeterministic`).
 
 The decision is plain Python on values that do not change inside a compiled region, so
 ``torch.compile`` specialises on it without a graph break.
@@ -18,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "grid_sample", "reference")
+EAGER_BACKENDS = ("grid_sample", "reference")  # the formulations selectable besides the kernels
 
 _override: str | None = None
 
@@ -87,18 +96,48 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton does not run on device type {device.type!r}"
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether an op on tensors of ``device`` runs the Triton kernels.
+def select_backend(device: torch.device) -> str:
+    """What an op on tensors of ``device`` runs: ``"triton"`` or one of :data:`EAGER_BACKENDS`.
 
     Raises ``RuntimeError`` when ``triton`` was asked for and cannot run there.
     """
     backend = get_backend()
-    if backend == "reference":
-        return False
+    if backend in EAGER_BACKENDS:
+        return backend
     why_not = triton_unavailable_reason(device)
     if backend == "triton" and why_not is not None:
         raise RuntimeError(f"ALIGNSEG_BACKEND=triton but the Triton kernels cannot run: {why_not}")
-    return why_not is None
+    return "triton" if why_not is None else "grid_sample"
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether an op on tensors of ``device`` runs the Triton kernels (see :func:`select_backend`)."""
+    return select_backend(device) == "triton"
+
+
+# Device types whose Triton backward accumulates with atomics in a nondeterministic order (the
+# interpreter runs programs one after another, so CPU results repeat).
+NONDETERMINISTIC_DEVICE_TYPES = ("cuda",)
+
+
+def alert_nondeterministic(op: str, device: torch.device) -> None:
+    """Raise, or warn under ``warn_only``, when deterministic algorithms are requested and ``op`` is not.
+
+    Follows ``torch.use_deterministic_algorithms(True, warn_only=...)`` like PyTorch's own ops (called by
+    the backward custom ops, which accumulate gradients with fp32/fp64 atomics on a GPU).
+    """
+    if device.type not in NONDETERMINISTIC_DEVICE_TYPES or not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{op} does not have a deterministic implementation on {device.type} (its Triton kernel accumulates "
+        "gradients with atomic adds), but you set 'torch.use_deterministic_algorithms(True)'. Use "
+        "ALIGNSEG_BACKEND=reference to run eager PyTorch ops instead (PyTorch then checks those), or "
+        "'torch.use_deterministic_algorithms(True, warn_only=True)' to only warn."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=2)
+    else:
+        raise RuntimeError(message)
 
 
 def require_triton(device: torch.device) -> None:

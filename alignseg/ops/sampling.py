@@ -19,8 +19,10 @@ the taps are found, which changes neither value nor gradient (every tap there is
 but keeps the integer conversion of huge offsets safe. The Triton kernels follow the same rule.
 
 The reference gathers the four taps explicitly rather than calling ``grid_sample``: it is then an
-oracle independent of ``grid_sample`` (tests compare the two), it handles sizes of 1 and NaN the
-documented way, and it computes in fp32 (fp64 for fp64 inputs) like the kernels' accumulators.
+oracle independent of ``grid_sample`` (tests compare the two), and it computes in fp32 (fp64 for fp64
+inputs) like the kernels' accumulators. :func:`sample_grid_sample` is the fast eager formulation (the
+CPU path): it sanitises the positions exactly as the reference does and hands them to ``grid_sample``,
+so values, gradients and the NaN rule match the reference.
 """
 
 from __future__ import annotations
@@ -34,15 +36,18 @@ def _align_corners_scale(src_size: int, out_size: int) -> float:
     return (src_size - 1) / (out_size - 1) if out_size > 1 else 0.0
 
 
-def _source_positions(d: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
-    """The source positions (x, y), each ``Tensor[N, H, W]``, of offsets ``d`` (``Tensor[N, 2, H, W]``, in the
-    compute dtype) on a source of size (h, w), with the non-finite rule of the module docstring applied."""
-    out_h, out_w = d.shape[-2:]
-    cols = torch.arange(out_w, device=d.device, dtype=d.dtype)
-    rows = torch.arange(out_h, device=d.device, dtype=d.dtype).unsqueeze(-1)
+def sample_positions(src: Tensor, offsets: Tensor, compute: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Source coordinates (x, y), each ``Tensor[N, H, W]`` in ``compute``, of ``S(src, offsets)``.
+
+    NaN -> -2 (outside), +-inf -> the clamp bounds (outside): see the module docstring.
+    """
+    h, w = src.shape[-2:]
+    out_h, out_w = offsets.shape[-2:]
+    d = offsets.to(compute)
+    cols = torch.arange(out_w, device=src.device, dtype=compute)
+    rows = torch.arange(out_h, device=src.device, dtype=compute).unsqueeze(-1)
     x = (cols + d[:, 0]) * _align_corners_scale(w, out_w)
     y = (rows + d[:, 1]) * _align_corners_scale(h, out_h)
-    # NaN -> -2 (outside), +-inf -> the clamp bounds (outside): see the module docstring.
     x = torch.nan_to_num(x, nan=-2.0).clamp(-2.0, w + 1.0)
     y = torch.nan_to_num(y, nan=-2.0).clamp(-2.0, h + 1.0)
     return x, y
@@ -56,7 +61,7 @@ def sample_reference(src: Tensor, offsets: Tensor) -> Tensor:
     n, c, h, w = src.shape
     out_h, out_w = offsets.shape[-2:]
     compute = torch.promote_types(src.dtype, torch.float32)
-    x, y = _source_positions(offsets.to(compute), h, w)
+    x, y = sample_positions(src, offsets, compute)
     x0f, y0f = x.floor(), y.floor()
     fx, fy = x - x0f, y - y0f  # floor has zero gradient, so d(fx)/dx = 1
     x0, y0 = x0f.long(), y0f.long()
@@ -75,28 +80,34 @@ def sample_reference(src: Tensor, offsets: Tensor) -> Tensor:
 
 
 def sample_grid_sample(src: Tensor, offsets: Tensor) -> Tensor:
-    """``S(src, offsets)`` through ``F.grid_sample``: the usual eager formulation (a benchmark baseline).
+    """``S(src, offsets)`` through ``F.grid_sample``: the fast eager formulation (the CPU path).
 
-    Agrees with :func:`sample_reference` to rounding, non-finite offsets included (the positions are
-    sanitised by the same rule before the grid is built). Returns a tensor of ``src``'s dtype.
+    The positions are those of :func:`sample_reference` (NaN and infinity sanitised, then clamped), so
+    the value, every gradient and the NaN rule agree with the reference to rounding. Returns a tensor of
+    ``src``'s dtype.
+
+    ``grid_sample`` takes coordinates normalised to [-1, 1]. With ``align_corners=True`` it scales them back
+    by (size - 1) / 2, and a whole-pixel position (zero or integer offsets) can come back an ulp below the
+    pixel, which moves the one-sided offset gradient to the other side. With ``align_corners=False`` the
+    scale is size / 2, exact when the size is a power of two: so the pixel position x is passed as
+    (2x + 1) / size - 1 (the same pixel), and a source of another size is first zero-padded on the right
+    and bottom to a power of two (padding reads as zeros, as outside taps do).
     """
     h, w = src.shape[-2:]
     compute = torch.promote_types(src.dtype, torch.float32)
-    x, y = _source_positions(offsets.to(compute), h, w)
-
-    def normalised(position: Tensor, size: int) -> Tensor:
-        # align_corners=True maps -1 and 1 to the centres of the first and last source pixel; a
-        # source of size 1 is sampled at its only pixel whatever the grid value (masked below). The
-        # product keeps the offsets in the graph: their gradient is zero there, as in the reference.
-        return position * (2.0 / (size - 1)) - 1.0 if size > 1 else position * 0.0
-
-    grid = torch.stack((normalised(x, w), normalised(y, h)), dim=-1)
-    out = F.grid_sample(src.to(compute), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    # Along a size-1 axis the position is 0 (finite offset, scale 0) or -2 (a non-finite one: outside).
-    for position, size in ((x, w), (y, h)):
-        if size == 1:
-            out = out * (position == 0).unsqueeze(1)
+    x, y = sample_positions(src, offsets, compute)
+    padded_h, padded_w = _next_power_of_two(h), _next_power_of_two(w)
+    source = src.to(compute)
+    if (padded_h, padded_w) != (h, w):
+        source = F.pad(source, (0, padded_w - w, 0, padded_h - h))
+    grid = torch.stack(((2.0 * x + 1.0) / padded_w - 1.0, (2.0 * y + 1.0) / padded_h - 1.0), dim=-1)
+    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.to(src.dtype)
+
+
+def _next_power_of_two(size: int) -> int:
+    """The smallest power of two >= size (``triton.next_power_of_2`` without importing triton)."""
+    return 1 << max(size - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,9 +121,13 @@ def check_feature_map(name: str, t: object) -> Tensor:
         raise ValueError(f"{name} must be a 4-D tensor [N, C, H, W], got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     return t
+
+
+def check_source_size(name: str, src: Tensor, output_numel: int) -> None:
+    """A map that is sampled needs a pixel, unless the output is empty (N, C, H or W of 0) anyway."""
+    if output_numel and src.shape[-2] * src.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one pixel to sample, got shape {tuple(src.shape)}")
 
 
 def check_offsets(name: str, offsets: object, channels: int, n: int, size: tuple[int, int], feature_dtype: torch.dtype) -> Tensor:

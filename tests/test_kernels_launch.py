@@ -1,0 +1,96 @@
+"""Launch mechanics the interpreter cannot show: the CUDA device guard and 64-bit channel offsets."""
+
+import contextlib
+import inspect
+import re
+
+import pytest
+import torch
+
+from alignseg.ops.backend import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from alignseg.kernels.bilinear import channel_offset
+
+    @triton.jit
+    def store_channel_offsets(out_ptr, stride_c):
+        tl.store(out_ptr, channel_offset(3, stride_c))
+        tl.store(out_ptr + 1, channel_offset(1, stride_c))
+
+
+class RecordingKernel:
+    """Stands in for a @triton.jit function: records the device that is current when it launches."""
+
+    def __init__(self, current):
+        self.current = current
+        self.launched_on = None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched_on = self.current[-1]
+
+        return launch
+
+
+def test_a_launch_runs_under_the_cuda_device_of_its_tensors(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from alignseg.kernels.launch import KernelLaunch
+
+    current = ["cuda:0"]
+
+    @contextlib.contextmanager
+    def fake_cuda_device(device):
+        current.append(str(device))
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
+    with FakeTensorMode():  # CUDA tensors without a GPU
+        tensor = torch.empty(2, 3, device="cuda:1")
+    kernel = RecordingKernel(current)
+    KernelLaunch(kernel, grid=(1,), args=(tensor, 3), constexprs={}, num_warps=4)()
+    assert kernel.launched_on == "cuda:1" and current == ["cuda:0"]
+
+    KernelLaunch(kernel, grid=(1,), args=(torch.empty(2), 3), constexprs={}, num_warps=4)()
+    assert kernel.launched_on == "cuda:0"  # CPU tensors (the interpreter): no guard
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_run_on_the_second_gpu_while_the_first_is_current():
+    from alignseg.ops import align_fa, align_fa_reference
+
+    low = torch.randn(2, 8, 9, 11, device="cuda:1", requires_grad=True)
+    high = torch.randn(2, 8, 5, 6, device="cuda:1", requires_grad=True)
+    offsets = torch.randn(2, 4, 9, 11, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        out = align_fa(low, high, offsets)
+        out.sum().backward()
+    torch.testing.assert_close(out, align_fa_reference(low, high, offsets))
+    assert low.grad.device == torch.device("cuda:1")
+
+
+def test_channel_offset_is_a_64_bit_product():
+    # index * stride_c in int32 wraps once a map has over 2**31 / index pixels (MAX_PIXELS allows it); the
+    # interpreter wraps int32 like a GPU does, so a stride of 2**30 shows it without allocating 12 GB.
+    out = torch.zeros(2, dtype=torch.int64)
+    store_channel_offsets[(1,)](out, 2**30)
+    assert out.tolist() == [3 * 2**30, 2**30]
+
+
+def test_no_kernel_multiplies_a_channel_stride_in_32_bits():
+    # Structural: every multiple of a channel stride goes through channel_offset or an int64 channel vector.
+    from alignseg.kernels import align_cm, align_fa, bilinear
+
+    allowed = re.compile(r"channels\[None, :\] \* \w*stride_c|channel_offset\(\w+, \w*stride_c\)|index \* tl\.cast\(stride_c")
+    for module in (align_fa, align_cm, bilinear):
+        for number, line in enumerate(inspect.getsource(module).splitlines(), 1):
+            code = re.sub(r"``.*?``", "", line.split("#")[0])  # docstrings quote code in double backquotes
+            for product in re.findall(r"[\w\]\)]+ \* \w*stride_c\b|\w*stride_c \* \w+", code):
+                assert allowed.search(code), f"{module.__name__}:{number}: 32-bit product {product!r}: use channel_offset"
