@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .bilinear import align_corners_scale, output_pixels, source_coordinate, unit_scale
-from .launch import accumulation_dtype, align_corners_scale as host_scale, check_index_range, interpreting, strides
+from .launch import KernelLaunch, accumulation_dtype, align_corners_scale as host_scale, check_index_range, interpreting, strides
 
 DIRECT = 0
 COMPOSITE = 1
@@ -65,10 +65,12 @@ class GatherConfig:
 
 
 # channels_last: each pixel is a contiguous channel vector, square tiles reuse gradient rows from L1.
-# contiguous (NCHW): pixels are the fastest axis of the tile, so tiles are wide along W.
+# contiguous (NCHW): pixels are the fastest axis of the tile (the lanes of a warp run along W), so tiles
+# are wide along W. 8 warps: 16 accumulator elements per thread, 72-128 registers at sm_90 (no spills),
+# two programs per SM (see bench/README.md, "Backward: bytes moved").
 GATHER_CONFIGS = {
-    "channels_last": GatherConfig(tile_h=8, tile_w=8, max_block_c=64, num_warps=4),
-    "contiguous": GatherConfig(tile_h=2, tile_w=32, max_block_c=32, num_warps=4),
+    "channels_last": GatherConfig(tile_h=8, tile_w=8, max_block_c=64, num_warps=8),
+    "contiguous": GatherConfig(tile_h=2, tile_w=32, max_block_c=32, num_warps=8),
 }
 INTERPRETER_GATHER_CONFIG = GatherConfig(tile_h=16, tile_w=32, max_block_c=128, num_warps=1)
 WINDOW_BLOCK_P = 256  # pixels per program of the window reduction
@@ -388,26 +390,33 @@ def window_fits(window: tuple[int, int, int, int], out_hw: tuple[int, int], targ
             and d_max_x - d_min_x + 1 <= zero_offset_width(out_hw[1], target_hw[1], mode) + 2 * max_shift)
 
 
-def launch_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: tuple[int, int, int, int],
-                  mode: int = DIRECT, config: GatherConfig | None = None) -> torch.Tensor:
-    """Run :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a known window."""
+def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: tuple[int, int, int, int],
+                mode: int = DIRECT, config: GatherConfig | None = None) -> KernelLaunch:
+    """The launch of :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a known window."""
     check_index_range("grad", grad)
     check_index_range("out", out)
     n, c, H, W = grad.shape
     th, tw = out.shape[-2:]
     cfg = gather_config(grad, config)
     block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
-    pixels_fastest = not channels_last_layout(grad)
     sx, sy = _scales((H, W), (th, tw))
     off = offsets2 if offsets2 is not None else grad  # a placeholder pointer without offsets
     off_strides = strides(offsets2) if offsets2 is not None else (0, 0, 0, 0)
-    grid = (triton.cdiv(th, cfg.tile_h) * triton.cdiv(tw, cfg.tile_w), triton.cdiv(c, block_c), n)
-    sampling_transpose_kernel[grid](
-        out, grad, off, *strides(out), *strides(grad), *off_strides, c, H, W, th, tw, sx, sy, *window,
-        TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, MODE=mode, HAS_OFFSETS=offsets2 is not None,
-        SAME_SIZE=(th, tw) == (H, W), PIXELS_FASTEST=pixels_fastest, ACC_DTYPE=accumulation_dtype(out.dtype)[1],
+    return KernelLaunch(
+        sampling_transpose_kernel,
+        grid=(triton.cdiv(th, cfg.tile_h) * triton.cdiv(tw, cfg.tile_w), triton.cdiv(c, block_c), n),
+        args=(out, grad, off, *strides(out), *strides(grad), *off_strides, c, H, W, th, tw, sx, sy, *window),
+        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, MODE=mode, HAS_OFFSETS=offsets2 is not None,
+                        SAME_SIZE=(th, tw) == (H, W), PIXELS_FASTEST=not channels_last_layout(grad),
+                        ACC_DTYPE=accumulation_dtype(out.dtype)[1]),
         num_warps=cfg.num_warps,
     )
+
+
+def launch_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: tuple[int, int, int, int],
+                  mode: int = DIRECT, config: GatherConfig | None = None) -> torch.Tensor:
+    """Run :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a known window."""
+    plan_gather(grad, offsets2, out, window, mode, config)()
     return out
 
 
