@@ -160,16 +160,24 @@ def test_gather_writes_every_element():
     check_close(out, transpose_reference(grad, off, (H, W)), torch.float32)
 
 
-@pytest.mark.parametrize("upsample_first", [True, False], ids=["upsample-first", "one-step"])
-@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_align_fa_backward_deterministic(upsample_first, layout):
+@pytest.mark.parametrize("upsample_first, layout, max_shift", [
+    (True, torch.contiguous_format, 8), (True, torch.channels_last, 8), (False, torch.contiguous_format, 8),
+    (False, torch.channels_last, 8), (True, torch.channels_last, -10)],
+    ids=["upsample-first-contiguous", "upsample-first-channels_last", "one-step-contiguous", "one-step-channels_last",
+         "upsample-first-fallback"])
+def test_align_fa_backward_deterministic(upsample_first, layout, max_shift, monkeypatch):
+    """Both source gradients: the fused gather (one launch) or, past the window limit, the separate fallbacks."""
     G = gather()
+    fused = []
+    plan = G.plan_align_fa_gather
+    monkeypatch.setattr(G, "plan_align_fa_gather", lambda *a, **k: fused.append(1) or plan(*a, **k))
     n, c, H, W, h, w = 1, 3, 9, 13, 5, 7
     low = torch.randn(n, c, H, W).contiguous(memory_format=layout)
     high = torch.randn(n, c, h, w).contiguous(memory_format=layout)
     offsets = torch.cat((offsets_of(n, H, W), offsets_of(n, H, W)), 1).contiguous(memory_format=layout)
     grad = torch.randn(n, c, H, W).contiguous(memory_format=layout)
-    grad_low, grad_high = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=upsample_first)
+    grad_low, grad_high = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first, max_shift)
+    assert len(fused) == (max_shift > 0)
     assert grad_low.shape == low.shape and grad_high.shape == high.shape
     assert grad_high.stride() == high.stride() and grad_low.stride() == low.stride()
     check_close(grad_low, transpose_reference(grad, offsets[:, 2:4], (H, W)), torch.float32)

@@ -211,6 +211,63 @@ def tile_mask(pixel_mask, channel_mask, PIXELS_FASTEST: tl.constexpr):
         return pixel_mask[:, None] & channel_mask[None, :]
 
 
+@triton.jit
+def gather_tile(
+    out_at,  # the source gradient of batch row n
+    grad_at,  # the output gradient of batch row n
+    shift_at,  # the (dx, dy) offsets of batch row n
+    out_stride_c, out_stride_h, out_stride_w,
+    grad_stride_c, grad_stride_h, grad_stride_w,
+    off_stride_c, off_stride_h, off_stride_w,
+    ty, tx, mask_t,  # [TILE] source rows, columns (int32) and mask of the tile
+    home_y, home_x,  # [TILE] int64 home(ty), home(tx)
+    channels, mask_c,  # [BLOCK_C]
+    H, W, th, tw,
+    sx, sy,  # ACC_DTYPE scales
+    dy_min, dy_max, dx_min, dx_max,
+    MODE: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+    PIXELS_FASTEST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """grad_src[t] = sum over q = home(t) + (ky, kx) in the window and their taps hitting t, stored once."""
+    TILE: tl.constexpr = ty.shape[0]
+    BLOCK_C: tl.constexpr = channels.shape[0]
+    channel_at = channels * grad_stride_c
+    if PIXELS_FASTEST:
+        acc = tl.zeros((BLOCK_C, TILE), dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros((TILE, BLOCK_C), dtype=ACC_DTYPE)
+    for ky in range(dy_min, dy_max + 1):
+        qi = home_y + ky
+        valid_y = mask_t & (qi >= 0) & (qi < H)
+        for kx in range(dx_min, dx_max + 1):
+            qj = home_x + kx
+            valid = valid_y & (qj >= 0) & (qj < W)
+            if HAS_OFFSETS:
+                q_at = shift_at + qi * off_stride_h + qj * off_stride_w
+                dx = tl.load(q_at, mask=valid, other=0.0).to(ACC_DTYPE)
+                dy = tl.load(q_at + off_stride_c, mask=valid, other=0.0).to(ACC_DTYPE)
+            else:
+                dx = tl.zeros((TILE,), dtype=ACC_DTYPE)
+                dy = tl.zeros((TILE,), dtype=ACC_DTYPE)
+            if MODE == 0:
+                wy, hy = direct_axis_weight(qi.to(ACC_DTYPE), dy, sy, th, ty)
+                wx, hx = direct_axis_weight(qj.to(ACC_DTYPE), dx, sx, tw, tx)
+            else:
+                wy, hy = composite_axis_weight(qi.to(ACC_DTYPE), dy, H, sy, th, ty, ACC_DTYPE)
+                wx, hx = composite_axis_weight(qj.to(ACC_DTYPE), dx, W, sx, tw, tx, ACC_DTYPE)
+            hit = valid & hy & hx
+            # a displacement that hits no cell of the tile loads no gradient
+            if tl.max(hit.to(tl.int32), axis=0) > 0:
+                ptrs = grad_at + tile_offsets(qi * grad_stride_h + qj * grad_stride_w, channel_at, PIXELS_FASTEST)
+                g = tl.load(ptrs, mask=tile_mask(hit, mask_c, PIXELS_FASTEST), other=0.0).to(ACC_DTYPE)
+                acc += per_pixel(wy * wx, PIXELS_FASTEST) * g
+    ptrs = out_at + tile_offsets(ty.to(tl.int64) * out_stride_h + tx.to(tl.int64) * out_stride_w,
+                                 channels * out_stride_c, PIXELS_FASTEST)
+    tl.store(ptrs, acc.to(out_at.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_FASTEST))
+
+
 # grad_src[n, c, t] = sum over output pixels q and taps k with tap_k(q) == t of w_k(q) * grad[n, c, q], for
 # every source cell t of a TILE_H x TILE_W tile, accumulated over the window's displacements in a fixed
 # order (rows, then columns) and stored once. Grid: (tiles, channel blocks, N).
@@ -240,9 +297,7 @@ def sampling_transpose_kernel(
     r = tl.arange(0, TILE_H * TILE_W)
     ty = (tile // tiles_w) * TILE_H + r // TILE_W
     tx = (tile % tiles_w) * TILE_W + r % TILE_W
-    mask_t = (ty < th) & (tx < tw)
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = channels < C
     if SAME_SIZE:
         home_y = ty.to(tl.int64)
         home_x = tx.to(tl.int64)
@@ -252,43 +307,71 @@ def sampling_transpose_kernel(
     # (target - 1) / (out - 1): the source's scale (DIRECT) or the upsample's (COMPOSITE), the same rule.
     sx = align_corners_scale(tw, W, scale_x, ACC_DTYPE)
     sy = align_corners_scale(th, H, scale_y, ACC_DTYPE)
+    gather_tile(out_ptr + n * out_stride_n, grad_ptr + n * grad_stride_n, offsets_ptr + n * off_stride_n,
+                out_stride_c, out_stride_h, out_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
+                off_stride_c, off_stride_h, off_stride_w,
+                ty, tx, (ty < th) & (tx < tw), home_y, home_x, channels, channels < C,
+                H, W, th, tw, sx, sy, dy_min, dy_max, dx_min, dx_max, MODE, HAS_OFFSETS, PIXELS_FASTEST, ACC_DTYPE)
 
+
+# Both source gradients of AlignFA in one pass over the output gradient: a program gathers grad_low for
+# its TILE_H x TILE_W tile of the fine map, then grad_high for the coarse cells whose home lies in that
+# tile (at most TILE_H x TILE_W of them when h <= H and w <= W), whose candidates mostly re-read the
+# gradient lines the first gather just loaded (from L1/L2, not DRAM). Grid: (fine tiles, channel blocks, N).
+@triton.jit
+def align_fa_gather_kernel(
+    grad_low_ptr,  # [N, C, H, W] in low's dtype
+    grad_high_ptr,  # [N, C, h, w] in high's dtype
+    grad_ptr,  # [N, C, H, W] gradient of the output
+    offsets_ptr,  # [N, 4, H, W] (dx, dy) for high, then (dx, dy) for low
+    gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
+    gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
+    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    C, H, W, h, w,
+    high_scale_x, high_scale_y,  # host fp32 (w - 1) / (W - 1), (h - 1) / (H - 1)
+    low_dy_min, low_dy_max, low_dx_min, low_dx_max,
+    high_dy_min, high_dy_max, high_dx_min, high_dx_max,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HIGH_MODE: tl.constexpr,
+    PIXELS_FASTEST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    n = tl.program_id(2).to(tl.int64)
+    tiles_w = tl.cdiv(W, TILE_W)
+    tile = tl.program_id(0)
+    i0 = (tile // tiles_w) * TILE_H
+    j0 = (tile % tiles_w) * TILE_W
+    r = tl.arange(0, TILE_H * TILE_W)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = channels < C
     grad_at = grad_ptr + n * grad_stride_n
     shift_at = offsets_ptr + n * off_stride_n
-    channel_at = channels * grad_stride_c
-    if PIXELS_FASTEST:
-        acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), dtype=ACC_DTYPE)
-    else:
-        acc = tl.zeros((TILE_H * TILE_W, BLOCK_C), dtype=ACC_DTYPE)
-    for ky in range(dy_min, dy_max + 1):
-        qi = home_y + ky
-        valid_y = mask_t & (qi >= 0) & (qi < H)
-        for kx in range(dx_min, dx_max + 1):
-            qj = home_x + kx
-            valid = valid_y & (qj >= 0) & (qj < W)
-            if HAS_OFFSETS:
-                q_at = shift_at + qi * off_stride_h + qj * off_stride_w
-                dx = tl.load(q_at, mask=valid, other=0.0).to(ACC_DTYPE)
-                dy = tl.load(q_at + off_stride_c, mask=valid, other=0.0).to(ACC_DTYPE)
-            else:
-                dx = tl.zeros((TILE_H * TILE_W,), dtype=ACC_DTYPE)
-                dy = tl.zeros((TILE_H * TILE_W,), dtype=ACC_DTYPE)
-            if MODE == 0:
-                wy, hy = direct_axis_weight(qi.to(ACC_DTYPE), dy, sy, th, ty)
-                wx, hx = direct_axis_weight(qj.to(ACC_DTYPE), dx, sx, tw, tx)
-            else:
-                wy, hy = composite_axis_weight(qi.to(ACC_DTYPE), dy, H, sy, th, ty, ACC_DTYPE)
-                wx, hx = composite_axis_weight(qj.to(ACC_DTYPE), dx, W, sx, tw, tx, ACC_DTYPE)
-            hit = valid & hy & hx
-            if tl.max(hit.to(tl.int32), axis=0) > 0:
-                ptrs = grad_at + tile_offsets(qi * grad_stride_h + qj * grad_stride_w, channel_at, PIXELS_FASTEST)
-                g = tl.load(ptrs, mask=tile_mask(hit, mask_c, PIXELS_FASTEST), other=0.0).to(ACC_DTYPE)
-                acc += per_pixel(wy * wx, PIXELS_FASTEST) * g
 
-    out_at = out_ptr + n * out_stride_n
-    ptrs = out_at + tile_offsets(ty.to(tl.int64) * out_stride_h + tx.to(tl.int64) * out_stride_w,
-                                 channels * out_stride_c, PIXELS_FASTEST)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_FASTEST))
+    ty = i0 + r // TILE_W
+    tx = j0 + r % TILE_W
+    gather_tile(grad_low_ptr + n * gl_stride_n, grad_at, shift_at + 2 * off_stride_c,
+                gl_stride_c, gl_stride_h, gl_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
+                off_stride_c, off_stride_h, off_stride_w,
+                ty, tx, (ty < H) & (tx < W), ty.to(tl.int64), tx.to(tl.int64), channels, mask_c,
+                H, W, H, W, unit_scale(W, ACC_DTYPE), unit_scale(H, ACC_DTYPE),
+                low_dy_min, low_dy_max, low_dx_min, low_dx_max, 0, True, PIXELS_FASTEST, ACC_DTYPE)
+
+    # the coarse cells a with home(a) in [i0, i0 + TILE_H) (likewise columns): from ceil(i0 (h - 1) / (H - 1))
+    cy = tl.cdiv(i0 * (h - 1), tl.maximum(H - 1, 1)) + r // TILE_W
+    cx = tl.cdiv(j0 * (w - 1), tl.maximum(W - 1, 1)) + r % TILE_W
+    home_y = home_index(cy, H, h)
+    home_x = home_index(cx, W, w)
+    owned = ((cy < h) & (home_y >= i0) & (home_y < i0 + TILE_H)
+             & (cx < w) & (home_x >= j0) & (home_x < j0 + TILE_W))
+    gather_tile(grad_high_ptr + n * gh_stride_n, grad_at, shift_at,
+                gh_stride_c, gh_stride_h, gh_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
+                off_stride_c, off_stride_h, off_stride_w,
+                cy, cx, owned, home_y, home_x, channels, mask_c,
+                H, W, h, w, align_corners_scale(w, W, high_scale_x, ACC_DTYPE), align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
+                high_dy_min, high_dy_max, high_dx_min, high_dx_max, HIGH_MODE, True, PIXELS_FASTEST, ACC_DTYPE)
 
 
 # The nondeterministic fallback for wide windows (DIRECT form only): every output pixel scatters
@@ -535,15 +618,45 @@ def align_fa_backward_deterministic(
     ``upsample_first=True``: the authors' ``W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])``;
     ``False``: the one-step ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``. The offsets'
     gradient is not computed here (the per-pixel backward kernel writes it, with its scatter off).
-    One host read of both windows (eight integers) per call.
+    One host read of both windows (eight integers) per call. When both windows fit (or in deterministic
+    mode) and ``high`` is no larger than ``low``, one fused launch (:func:`align_fa_gather_kernel`)
+    writes both gradients; otherwise each goes through :func:`_transpose` (gather or fallback scatter).
     """
     check_index_range("low", low)
     high_hw, low_hw = tuple(high.shape[-2:]), tuple(low.shape[-2:])
     mode_high = COMPOSITE if upsample_first else DIRECT
     windows = torch.cat((gather_window_device(offsets[:, 0:2], high_hw, mode_high),
                          gather_window_device(offsets[:, 2:4], low_hw, DIRECT))).tolist()
-    grad_high = _transpose(grad, offsets[:, 0:2], _empty_source(grad, high_hw, high.dtype, high), mode_high, max_shift,
-                           tuple(windows[:4]), config)
-    grad_low = _transpose(grad, offsets[:, 2:4], _empty_source(grad, low_hw, low.dtype, low), DIRECT, max_shift,
-                          tuple(windows[4:]), config)
+    window_high, window_low = tuple(windows[:4]), tuple(windows[4:])
+    grad_low = _empty_source(grad, low_hw, low.dtype, low)
+    grad_high = _empty_source(grad, high_hw, high.dtype, high)
+    gather_both = torch.are_deterministic_algorithms_enabled() or (
+        window_fits(window_high, low_hw, high_hw, max_shift, mode_high) and window_fits(window_low, low_hw, low_hw, max_shift))
+    if gather_both and high_hw[0] <= low_hw[0] and high_hw[1] <= low_hw[1]:
+        plan_align_fa_gather(grad, offsets, grad_low, grad_high, window_low, window_high, mode_high, config)()
+        return grad_low, grad_high
+    _transpose(grad, offsets[:, 0:2], grad_high, mode_high, max_shift, window_high, config)
+    _transpose(grad, offsets[:, 2:4], grad_low, DIRECT, max_shift, window_low, config)
     return grad_low, grad_high
+
+
+def plan_align_fa_gather(grad: torch.Tensor, offsets: torch.Tensor, grad_low: torch.Tensor, grad_high: torch.Tensor,
+                         window_low: tuple[int, int, int, int], window_high: tuple[int, int, int, int],
+                         mode_high: int = COMPOSITE, config: GatherConfig | None = None) -> KernelLaunch:
+    """The launch of :func:`align_fa_gather_kernel` (needs h <= H and w <= W) writing ``grad_low`` and ``grad_high``."""
+    check_index_range("grad", grad)
+    n, c, H, W = grad.shape
+    h, w = grad_high.shape[-2:]
+    if h > H or w > W:
+        raise ValueError(f"the fused gather needs a coarse map no larger than the fine one, got {h}x{w} and {H}x{W}")
+    cfg = gather_config(grad, config)
+    block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
+    return KernelLaunch(
+        align_fa_gather_kernel,
+        grid=(triton.cdiv(H, cfg.tile_h) * triton.cdiv(W, cfg.tile_w), triton.cdiv(c, block_c), n),
+        args=(grad_low, grad_high, grad, offsets, *strides(grad_low), *strides(grad_high), *strides(grad), *strides(offsets),
+              c, H, W, h, w, host_scale(w, W), host_scale(h, H), *window_low, *window_high),
+        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, HIGH_MODE=mode_high,
+                        PIXELS_FASTEST=not channels_last_layout(grad), ACC_DTYPE=accumulation_dtype(grad_low.dtype)[1]),
+        num_warps=cfg.num_warps,
+    )
