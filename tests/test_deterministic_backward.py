@@ -276,3 +276,47 @@ def test_gpu_backward_bitwise_reproducible(dtype, layout):
     cm_offsets = offsets_of(n, H, W, device="cuda")
     runs = [cm_grads(context, cm_offsets, low, grad, "triton") for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90 (no GPU needed), as tests/test_kernels_compile.py does for the other kernels.
+
+AOT_SCRIPT = r"""
+import json, sys, torch
+from alignseg.kernels.report import compile_launch, cubin_usage
+from alignseg.kernels import align_fa_gather as G
+from alignseg.kernels.align_cm import plan_align_cm_backward, plan_reduce_context_partials
+rows = []
+for dtype, fmt in ((torch.float32, torch.channels_last), (torch.bfloat16, torch.channels_last), (torch.float32, torch.contiguous_format)):
+    m = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta", memory_format=fmt)
+    grad, high, offsets = m(8, 256, 219, 219), m(8, 256, 110, 110), m(8, 4, 219, 219, dt=torch.float32)
+    plans = [("gather_warp", G.plan_gather(grad, offsets[:, 2:4], m(8, 256, 219, 219), (-3, 2, -3, 2), G.DIRECT)),
+             ("gather_upsample_warp", G.plan_gather(grad, offsets[:, 0:2], high, (-4, 5, -4, 5), G.COMPOSITE)),
+             ("gather_upsample", G.plan_gather(grad, None, high, (-2, 3, -2, 3), G.DIRECT)),
+             ("fused_exact", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2), (-4, 5, -4, 5), G.COMPOSITE)),
+             ("fused_one_step", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2), (-4, 5, -4, 5), G.DIRECT))]
+    ctx = m(4, 256, 3, 3)
+    launch, (partial, _) = plan_align_cm_backward(m(4, 256, 219, 219), ctx, m(4, 2, 219, 219, dt=torch.float32))
+    plans += [("align_cm_backward", launch), ("reduce_context_partials", plan_reduce_context_partials(partial, ctx)[0])]
+    for name, plan in plans:
+        registers, local, _ = cubin_usage(compile_launch(plan, 90).asm["cubin"])
+        rows.append(dict(kernel=name, dtype=str(dtype), layout=str(fmt), registers=registers, local_bytes=local))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_new_kernels_compile_for_sm90_without_spills():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"the ahead-of-time compile failed:\n{done.stderr[-4000:]}"
+    import json
+
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 21
+    assert not [r for r in rows if r["local_bytes"]], f"register spills: {rows}"
+    assert all(0 < r["registers"] <= 255 for r in rows)
