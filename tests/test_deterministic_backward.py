@@ -158,6 +158,7 @@ def test_gather_writes_every_element():
     G.launch_gather(grad, off, out, window)
     assert not out.isnan().any()
     check_close(out, transpose_reference(grad, off, (H, W)), torch.float32)
+    assert torch.equal(G.launch_gather(grad, off, torch.empty_like(out), window), out), "two runs must be bitwise equal"
 
 
 @pytest.mark.parametrize("upsample_first, layout, max_shift", [
