@@ -10,7 +10,7 @@ bitwise the same result on every run.
 Which q can reach a source cell t: each output pixel q = (i, j) is anchored at ``home(t) = t * (H - 1) //
 (t_size - 1)`` per axis (exact integers: the identity for a same-size map, about t / scale for a coarse
 one), and a q reaches t only if ``i - home(t)`` lies in a window ``[d_min, d_max]``. A small device
-reduction over the offsets (:func:`gather_window`, the same coordinate rule as the forward) finds the
+reduction over the offsets (:func:`gather_window_device`, the same coordinate rule as the forward) finds the
 window; the gather then tests every candidate exactly with the forward's arithmetic, so the window
 only has to contain the hits. A candidate displacement that hits no cell of the tile is skipped with a
 scalar branch before its gradient tile is loaded.
