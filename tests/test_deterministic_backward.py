@@ -185,6 +185,26 @@ def test_align_fa_backward_deterministic(upsample_first, layout, max_shift, monk
     check_close(grad_high, transpose_reference(grad, offsets[:, 0:2], (h, w), upsample_first), torch.float32)
 
 
+@pytest.mark.parametrize("upsample_first", [True, False], ids=["upsample-first", "one-step"])
+def test_align_fa_backward_deterministic_mode_reads_window_on_device(upsample_first, monkeypatch):
+    """In deterministic mode the gathers load their window from the device: no host read, no fallback choice."""
+    G = gather()
+
+    def no_host_window(*args, **kwargs):
+        raise AssertionError("deterministic mode must not read the window on the host")
+
+    monkeypatch.setattr(G, "window_fits", no_host_window)
+    n, c, H, W, h, w = 1, 2, 9, 8, 5, 4
+    low, high, grad = torch.randn(n, c, H, W), torch.randn(n, c, h, w), torch.randn(n, c, H, W)
+    offsets = torch.cat((offsets_of(n, H, W), offsets_of(n, H, W)), 1)
+    with deterministic():
+        grad_low, grad_high = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first)
+        warped = G.warp_transpose(grad, offsets[:, 2:4], max_shift=-10)
+    check_close(grad_low, transpose_reference(grad, offsets[:, 2:4], (H, W)), torch.float32)
+    check_close(warped, transpose_reference(grad, offsets[:, 2:4], (H, W)), torch.float32)
+    check_close(grad_high, transpose_reference(grad, offsets[:, 0:2], (h, w), upsample_first), torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------
 # AlignCM: partial sums per program, reduced in a fixed order.
 
@@ -291,11 +311,13 @@ rows = []
 for dtype, fmt in ((torch.float32, torch.channels_last), (torch.bfloat16, torch.channels_last), (torch.float32, torch.contiguous_format)):
     m = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta", memory_format=fmt)
     grad, high, offsets = m(8, 256, 219, 219), m(8, 256, 110, 110), m(8, 4, 219, 219, dt=torch.float32)
+    window = torch.empty(4, dtype=torch.int32, device="meta")
     plans = [("gather_warp", G.plan_gather(grad, offsets[:, 2:4], m(8, 256, 219, 219), (-3, 2, -3, 2), G.DIRECT)),
              ("gather_upsample_warp", G.plan_gather(grad, offsets[:, 0:2], high, (-4, 5, -4, 5), G.COMPOSITE)),
              ("gather_upsample", G.plan_gather(grad, None, high, (-2, 3, -2, 3), G.DIRECT)),
              ("fused_exact", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2), (-4, 5, -4, 5), G.COMPOSITE)),
-             ("fused_one_step", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2), (-4, 5, -4, 5), G.DIRECT))]
+             ("fused_one_step", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2), (-4, 5, -4, 5), G.DIRECT)),
+             ("fused_exact_device_window", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, window, window, G.COMPOSITE))]
     ctx = m(4, 256, 3, 3)
     launch, (partial, _) = plan_align_cm_backward(m(4, 256, 219, 219), ctx, m(4, 2, 219, 219, dt=torch.float32))
     plans += [("align_cm_backward", launch), ("reduce_context_partials", plan_reduce_context_partials(partial, ctx)[0])]
@@ -318,6 +340,6 @@ def test_new_kernels_compile_for_sm90_without_spills():
     import json
 
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 21
+    assert len(rows) == 24
     assert not [r for r in rows if r["local_bytes"]], f"register spills: {rows}"
     assert all(0 < r["registers"] <= 255 for r in rows)

@@ -351,8 +351,11 @@ def align_cm_backward(
             grad, context, offsets, grad_offsets=grad_offsets, config=config, pixel_blocks_per_program=pixel_blocks_per_program)
         launch()
         return reduce_context_partials(partial, context), grad_offsets
-    window = tuple(gather_window_device(offsets, (k1, k2), DIRECT).tolist())  # one host read of four integers
-    scatter = not torch.are_deterministic_algorithms_enabled() and not window_fits(window, tuple(grad.shape[-2:]), (k1, k2), max_shift)
+    window = gather_window_device(offsets, (k1, k2), DIRECT)
+    scatter = False
+    if not torch.are_deterministic_algorithms_enabled():  # deterministic mode: the window stays on the device
+        window = tuple(window.tolist())  # one host read of four integers: gather or scatter?
+        scatter = not window_fits(window, tuple(grad.shape[-2:]), (k1, k2), max_shift)
     launch, (buffer, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets=grad_offsets, config=config,
                                                          scatter=scatter)
     launch()

@@ -34,9 +34,11 @@ buffer, a cast pass; nondeterministic). Under ``torch.use_deterministic_algorith
 always runs, however wide the window: deterministic, slower for such offsets. NaN, infinite and huge
 offsets whose taps all leave the map reach no cell and never widen the window.
 
-Host synchronisation: the window is read back to the host (one read of four integers per offset map;
-:func:`align_fa_backward_deterministic` batches both maps into one read), because the launch must choose
-between gather and scatter. :func:`upsample_transpose` needs none (its window follows from the sizes).
+Host synchronisation: outside deterministic mode the window is read back to the host (one read of four
+integers per offset map; :func:`align_fa_backward_deterministic` batches both maps into one read),
+because the launch must choose between gather and scatter. In deterministic mode there is no choice to
+make, and the gathers load their loop bounds from the device tensor: no host synchronisation at all.
+:func:`upsample_transpose` needs none either (its window follows from the sizes).
 """
 
 from __future__ import annotations
@@ -186,6 +188,15 @@ def gather_window_kernel(
 
 
 @triton.jit
+def window_bounds(window_ptr, d_min_y, d_max_y, d_min_x, d_max_x, ON_DEVICE: tl.constexpr):
+    """The window (d_min_y, d_max_y, d_min_x, d_max_x): loaded from the device (no host read) or the arguments."""
+    if ON_DEVICE:
+        return tl.load(window_ptr), tl.load(window_ptr + 1), tl.load(window_ptr + 2), tl.load(window_ptr + 3)
+    else:
+        return d_min_y, d_max_y, d_min_x, d_max_x
+
+
+@triton.jit
 def per_pixel(values, PIXELS_FASTEST: tl.constexpr):
     """A [TILE] vector broadcast along the channel axis of the tile, in the tile's orientation."""
     if PIXELS_FASTEST:
@@ -276,6 +287,7 @@ def sampling_transpose_kernel(
     out_ptr,  # [N, C, th, tw] the source gradient, in its own dtype
     grad_ptr,  # [N, C, H, W] gradient of the output
     offsets_ptr,  # [N, 2, H, W] (dx, dy); unused without HAS_OFFSETS
+    window_ptr,  # [4] int32 window on the device (WINDOW_ON_DEVICE), else unused
     out_stride_n, out_stride_c, out_stride_h, out_stride_w,
     grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
@@ -289,9 +301,11 @@ def sampling_transpose_kernel(
     HAS_OFFSETS: tl.constexpr,
     SAME_SIZE: tl.constexpr,  # th == H and tw == W: home() is the identity (and provably contiguous)
     PIXELS_FASTEST: tl.constexpr,
+    WINDOW_ON_DEVICE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
+    dy_min, dy_max, dx_min, dx_max = window_bounds(window_ptr, dy_min, dy_max, dx_min, dx_max, WINDOW_ON_DEVICE)
     tiles_w = tl.cdiv(tw, TILE_W)
     tile = tl.program_id(0)
     r = tl.arange(0, TILE_H * TILE_W)
@@ -324,6 +338,7 @@ def align_fa_gather_kernel(
     grad_high_ptr,  # [N, C, h, w] in high's dtype
     grad_ptr,  # [N, C, H, W] gradient of the output
     offsets_ptr,  # [N, 4, H, W] (dx, dy) for high, then (dx, dy) for low
+    low_window_ptr, high_window_ptr,  # [4] int32 windows on the device (WINDOW_ON_DEVICE), else unused
     gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
     gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
     grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
@@ -337,9 +352,14 @@ def align_fa_gather_kernel(
     BLOCK_C: tl.constexpr,
     HIGH_MODE: tl.constexpr,
     PIXELS_FASTEST: tl.constexpr,
+    WINDOW_ON_DEVICE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
+    low_dy_min, low_dy_max, low_dx_min, low_dx_max = window_bounds(
+        low_window_ptr, low_dy_min, low_dy_max, low_dx_min, low_dx_max, WINDOW_ON_DEVICE)
+    high_dy_min, high_dy_max, high_dx_min, high_dx_max = window_bounds(
+        high_window_ptr, high_dy_min, high_dy_max, high_dx_min, high_dx_max, WINDOW_ON_DEVICE)
     tiles_w = tl.cdiv(W, TILE_W)
     tile = tl.program_id(0)
     i0 = (tile // tiles_w) * TILE_H
@@ -473,9 +493,19 @@ def window_fits(window: tuple[int, int, int, int], out_hw: tuple[int, int], targ
             and d_max_x - d_min_x + 1 <= zero_offset_width(out_hw[1], target_hw[1], mode) + 2 * max_shift)
 
 
-def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: tuple[int, int, int, int],
+Window = tuple[int, int, int, int] | torch.Tensor  # host integers, or an int32 device tensor [4] (no host read)
+
+
+def _window_args(window, placeholder: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], bool]:
+    """(pointer argument, the four integer arguments, on the device?) of a window."""
+    if isinstance(window, torch.Tensor):
+        return window, (0, 0, 0, 0), True
+    return placeholder, tuple(window), False
+
+
+def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: Window,
                 mode: int = DIRECT, config: GatherConfig | None = None) -> KernelLaunch:
-    """The launch of :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a known window."""
+    """The launch of :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a window (host or device)."""
     check_index_range("grad", grad)
     check_index_range("out", out)
     n, c, H, W = grad.shape
@@ -485,20 +515,21 @@ def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Te
     sx, sy = _scales((H, W), (th, tw))
     off = offsets2 if offsets2 is not None else grad  # a placeholder pointer without offsets
     off_strides = strides(offsets2) if offsets2 is not None else (0, 0, 0, 0)
+    window_ptr, window_ints, on_device = _window_args(window, grad)
     return KernelLaunch(
         sampling_transpose_kernel,
         grid=(triton.cdiv(th, cfg.tile_h) * triton.cdiv(tw, cfg.tile_w), triton.cdiv(c, block_c), n),
-        args=(out, grad, off, *strides(out), *strides(grad), *off_strides, c, H, W, th, tw, sx, sy, *window),
+        args=(out, grad, off, window_ptr, *strides(out), *strides(grad), *off_strides, c, H, W, th, tw, sx, sy, *window_ints),
         constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, MODE=mode, HAS_OFFSETS=offsets2 is not None,
                         SAME_SIZE=(th, tw) == (H, W), PIXELS_FASTEST=not channels_last_layout(grad),
-                        ACC_DTYPE=accumulation_dtype(out.dtype)[1]),
+                        WINDOW_ON_DEVICE=on_device, ACC_DTYPE=accumulation_dtype(out.dtype)[1]),
         num_warps=cfg.num_warps,
     )
 
 
-def launch_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: tuple[int, int, int, int],
+def launch_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: Window,
                   mode: int = DIRECT, config: GatherConfig | None = None) -> torch.Tensor:
-    """Run :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a known window."""
+    """Run :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a window (host or device)."""
     plan_gather(grad, offsets2, out, window, mode, config)()
     return out
 
@@ -528,12 +559,19 @@ def _empty_source(grad: torch.Tensor, size: tuple[int, int], dtype: torch.dtype 
 
 
 def _transpose(grad: torch.Tensor, offsets2: torch.Tensor, out: torch.Tensor, mode: int, max_shift: int,
-               window: tuple[int, int, int, int] | None = None, config: GatherConfig | None = None) -> torch.Tensor:
-    """Gather when the window fits (or determinism is required), else the scatter (DIRECT) or scatter-then-gather."""
+               window: Window | None = None, config: GatherConfig | None = None) -> torch.Tensor:
+    """Gather when the window fits (or determinism is required), else the scatter (DIRECT) or scatter-then-gather.
+
+    In deterministic mode the gather reads its window on the device: no host synchronisation.
+    """
     out_hw, target_hw = tuple(grad.shape[-2:]), tuple(out.shape[-2:])
     if window is None:
-        window = tuple(gather_window_device(offsets2, target_hw, mode).tolist())  # the one host sync
-    if torch.are_deterministic_algorithms_enabled() or window_fits(window, out_hw, target_hw, max_shift, mode):
+        window = gather_window_device(offsets2, target_hw, mode)
+    if torch.are_deterministic_algorithms_enabled():
+        return launch_gather(grad, offsets2, out, window, mode, config)
+    if isinstance(window, torch.Tensor):
+        window = tuple(window.tolist())  # the one host read: gather or scatter?
+    if window_fits(window, out_hw, target_hw, max_shift, mode):
         return launch_gather(grad, offsets2, out, window, mode, config)
     if mode == DIRECT:
         return scatter_transpose(grad, offsets2, out)
@@ -626,12 +664,17 @@ def align_fa_backward_deterministic(
     high_hw, low_hw = tuple(high.shape[-2:]), tuple(low.shape[-2:])
     mode_high = COMPOSITE if upsample_first else DIRECT
     windows = torch.cat((gather_window_device(offsets[:, 0:2], high_hw, mode_high),
-                         gather_window_device(offsets[:, 2:4], low_hw, DIRECT))).tolist()
-    window_high, window_low = tuple(windows[:4]), tuple(windows[4:])
+                         gather_window_device(offsets[:, 2:4], low_hw, DIRECT)))
+    if torch.are_deterministic_algorithms_enabled():
+        window_high, window_low = windows[:4], windows[4:]  # read on the device: no host synchronisation
+        gather_both = True
+    else:
+        windows = windows.tolist()  # the one host read of the backward
+        window_high, window_low = tuple(windows[:4]), tuple(windows[4:])
+        gather_both = (window_fits(window_high, low_hw, high_hw, max_shift, mode_high)
+                       and window_fits(window_low, low_hw, low_hw, max_shift))
     grad_low = _empty_source(grad, low_hw, low.dtype, low)
     grad_high = _empty_source(grad, high_hw, high.dtype, high)
-    gather_both = torch.are_deterministic_algorithms_enabled() or (
-        window_fits(window_high, low_hw, high_hw, max_shift, mode_high) and window_fits(window_low, low_hw, low_hw, max_shift))
     if gather_both and high_hw[0] <= low_hw[0] and high_hw[1] <= low_hw[1]:
         plan_align_fa_gather(grad, offsets, grad_low, grad_high, window_low, window_high, mode_high, config)()
         return grad_low, grad_high
@@ -641,7 +684,7 @@ def align_fa_backward_deterministic(
 
 
 def plan_align_fa_gather(grad: torch.Tensor, offsets: torch.Tensor, grad_low: torch.Tensor, grad_high: torch.Tensor,
-                         window_low: tuple[int, int, int, int], window_high: tuple[int, int, int, int],
+                         window_low: Window, window_high: Window,
                          mode_high: int = COMPOSITE, config: GatherConfig | None = None) -> KernelLaunch:
     """The launch of :func:`align_fa_gather_kernel` (needs h <= H and w <= W) writing ``grad_low`` and ``grad_high``."""
     check_index_range("grad", grad)
@@ -651,12 +694,18 @@ def plan_align_fa_gather(grad: torch.Tensor, offsets: torch.Tensor, grad_low: to
         raise ValueError(f"the fused gather needs a coarse map no larger than the fine one, got {h}x{w} and {H}x{W}")
     cfg = gather_config(grad, config)
     block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
+    low_ptr, low_ints, on_device = _window_args(window_low, grad)
+    high_ptr, high_ints, high_on_device = _window_args(window_high, grad)
+    if on_device != high_on_device:
+        raise ValueError("window_low and window_high must both be host integers or both device tensors")
     return KernelLaunch(
         align_fa_gather_kernel,
         grid=(triton.cdiv(H, cfg.tile_h) * triton.cdiv(W, cfg.tile_w), triton.cdiv(c, block_c), n),
-        args=(grad_low, grad_high, grad, offsets, *strides(grad_low), *strides(grad_high), *strides(grad), *strides(offsets),
-              c, H, W, h, w, host_scale(w, W), host_scale(h, H), *window_low, *window_high),
+        args=(grad_low, grad_high, grad, offsets, low_ptr, high_ptr,
+              *strides(grad_low), *strides(grad_high), *strides(grad), *strides(offsets),
+              c, H, W, h, w, host_scale(w, W), host_scale(h, H), *low_ints, *high_ints),
         constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, HIGH_MODE=mode_high,
-                        PIXELS_FASTEST=not channels_last_layout(grad), ACC_DTYPE=accumulation_dtype(grad_low.dtype)[1]),
+                        PIXELS_FASTEST=not channels_last_layout(grad), WINDOW_ON_DEVICE=on_device,
+                        ACC_DTYPE=accumulation_dtype(grad_low.dtype)[1]),
         num_warps=cfg.num_warps,
     )
