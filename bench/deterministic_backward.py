@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import HAS_GPU, SMOKE_BANNER, copy_bandwidth_gbs, device, measure  # sets TRITON_INTERPRET first
+import torch
 
-import torch  # noqa: E402
-
-from bench.baselines import align_fa_authors  # noqa: E402
+from bench.baselines import align_fa_authors
+from bench.common import HAS_GPU, SMOKE_BANNER, copy_bandwidth_gbs, device, measure  # sets TRITON_INTERPRET
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -68,7 +67,9 @@ def run(dtype_names, layout_names) -> int:
             report("align_fa backward, today (atomic)", lambda: align_fa_backward(grad, low, high, offsets),
                    model["today"], model["minimum"])
             for first in (True, False):
-                fn = lambda first=first: align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=first)  # noqa: E731
+                def fn(first=first):
+                    return align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=first)
+
                 report(f"gathers grad_low+grad_high ({'upsample-first' if first else 'one-step'})", fn,
                        model["gathers"], model["minimum"] - model["per_pixel"])
                 a, b = fn(), fn()
@@ -85,7 +86,8 @@ def run(dtype_names, layout_names) -> int:
             cm_offsets = (torch.randn(n, 2, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
             cm_grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
             cm_min = e * (n * c * H * W + 2 * n * c * 9) + 16 * n * H * W
-            report("align_cm backward (deterministic)", lambda: align_cm_backward(cm_grad, context, cm_offsets), cm_min, cm_min)
+            report("align_cm backward (deterministic)", lambda: align_cm_backward(cm_grad, context, cm_offsets),
+                   cm_min, cm_min)
             a, b = align_cm_backward(cm_grad, context, cm_offsets), align_cm_backward(cm_grad, context, cm_offsets)
             if not all(torch.equal(x, y) for x, y in zip(a, b)):
                 print("  NOT BITWISE REPRODUCIBLE: align_cm backward")

@@ -16,7 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .align_fa_gather import DIRECT, MAX_GATHER_SHIFT, gather_window_device, launch_gather, window_fits
+from .align_fa_gather import (
+    DIRECT,
+    MAX_GATHER_SHIFT,
+    gather_window_device,
+    launch_gather,
+    window_fits,
+    window_stays_on_device,
+)
 from .bilinear import (
     align_corners_scale,
     bilinear_tap,
@@ -28,16 +35,18 @@ from .bilinear import (
 )
 from .launch import (
     MAX_REDUCED_CELLS,
-    KernelLaunch,
     MIN_DOT_SIZE,
+    KernelLaunch,
     LaunchConfig,
     accumulation_dtype,
-    align_corners_scale as host_scale,
     channel_block,
     check_index_range,
     interpreting,
     launch_config,
     strides,
+)
+from .launch import (
+    align_corners_scale as host_scale,
 )
 
 
@@ -353,7 +362,7 @@ def align_cm_backward(
         return reduce_context_partials(partial, context), grad_offsets
     window = gather_window_device(offsets, (k1, k2), DIRECT)
     scatter = False
-    if not torch.are_deterministic_algorithms_enabled():  # deterministic mode: the window stays on the device
+    if not window_stays_on_device(grad):  # deterministic mode or CUDA-graph capture: no host read
         window = tuple(window.tolist())  # one host read of four integers: gather or scatter?
         scatter = not window_fits(window, tuple(grad.shape[-2:]), (k1, k2), max_shift)
     launch, (buffer, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets=grad_offsets, config=config,

@@ -38,6 +38,8 @@ Host synchronisation: outside deterministic mode the window is read back to the 
 integers per offset map; :func:`align_fa_backward_deterministic` batches both maps into one read),
 because the launch must choose between gather and scatter. In deterministic mode there is no choice to
 make, and the gathers load their loop bounds from the device tensor: no host synchronisation at all.
+The same holds while a CUDA graph is being captured (a host read is illegal there), so the backward can
+be captured and replayed.
 :func:`upsample_transpose` needs none either (its window follows from the sizes).
 """
 
@@ -50,7 +52,8 @@ import triton
 import triton.language as tl
 
 from .bilinear import align_corners_scale, output_pixels, source_coordinate, unit_scale
-from .launch import KernelLaunch, accumulation_dtype, align_corners_scale as host_scale, check_index_range, interpreting, strides
+from .launch import KernelLaunch, accumulation_dtype, check_index_range, interpreting, strides
+from .launch import align_corners_scale as host_scale
 
 DIRECT = 0
 COMPOSITE = 1
@@ -390,7 +393,8 @@ def align_fa_gather_kernel(
                 gh_stride_c, gh_stride_h, gh_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
                 off_stride_c, off_stride_h, off_stride_w,
                 cy, cx, owned, home_y, home_x, channels, mask_c,
-                H, W, h, w, align_corners_scale(w, W, high_scale_x, ACC_DTYPE), align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
+                H, W, h, w,
+                align_corners_scale(w, W, high_scale_x, ACC_DTYPE), align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
                 high_dy_min, high_dy_max, high_dx_min, high_dx_max, HIGH_MODE, True, PIXELS_FASTEST, ACC_DTYPE)
 
 
@@ -419,7 +423,8 @@ def scatter_transpose_kernel(
     dy = tl.load(at + off_stride_c, mask=mask_p, other=0.0).to(ACC_DTYPE)
     x0, fx = source_coordinate(cols.to(ACC_DTYPE), dx, tl.cast(scale_x, ACC_DTYPE), tw)
     y0, fy = source_coordinate(rows.to(ACC_DTYPE), dy, tl.cast(scale_y, ACC_DTYPE), th)
-    g_ptrs = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None] + channels[None, :] * grad_stride_c
+    g_ptrs = (grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+              + channels[None, :] * grad_stride_c)
     g = tl.load(g_ptrs, mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
@@ -434,7 +439,8 @@ def scatter_transpose_kernel(
             else:
                 wy = 1.0 - fy
             inside = (xx >= 0) & (xx < tw) & (yy >= 0) & (yy < th) & mask_p
-            b_ptrs = (buffer_ptr + n * buf_stride_n + (yy.to(tl.int64) * buf_stride_h + xx.to(tl.int64) * buf_stride_w)[:, None]
+            b_ptrs = (buffer_ptr + n * buf_stride_n
+                      + (yy.to(tl.int64) * buf_stride_h + xx.to(tl.int64) * buf_stride_w)[:, None]
                       + channels[None, :] * buf_stride_c)
             tl.atomic_add(b_ptrs, g * (wx * wy)[:, None], mask=inside[:, None] & mask_c[None, :], sem="relaxed")
 
@@ -519,8 +525,10 @@ def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Te
     return KernelLaunch(
         sampling_transpose_kernel,
         grid=(triton.cdiv(th, cfg.tile_h) * triton.cdiv(tw, cfg.tile_w), triton.cdiv(c, block_c), n),
-        args=(out, grad, off, window_ptr, *strides(out), *strides(grad), *off_strides, c, H, W, th, tw, sx, sy, *window_ints),
-        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, MODE=mode, HAS_OFFSETS=offsets2 is not None,
+        args=(out, grad, off, window_ptr, *strides(out), *strides(grad), *off_strides,
+              c, H, W, th, tw, sx, sy, *window_ints),
+        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, MODE=mode,
+                        HAS_OFFSETS=offsets2 is not None,
                         SAME_SIZE=(th, tw) == (H, W), PIXELS_FASTEST=not channels_last_layout(grad),
                         WINDOW_ON_DEVICE=on_device, ACC_DTYPE=accumulation_dtype(out.dtype)[1]),
         num_warps=cfg.num_warps,
@@ -558,6 +566,12 @@ def _empty_source(grad: torch.Tensor, size: tuple[int, int], dtype: torch.dtype 
     return torch.empty(*grad.shape[:2], *size, dtype=dtype or ref.dtype, device=grad.device, memory_format=fmt)
 
 
+def window_stays_on_device(t: torch.Tensor) -> bool:
+    """Gather with the window read on the device, never choosing the scatter: in deterministic mode, and while
+    a CUDA graph is being captured (a host read is illegal there)."""
+    return torch.are_deterministic_algorithms_enabled() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _transpose(grad: torch.Tensor, offsets2: torch.Tensor, out: torch.Tensor, mode: int, max_shift: int,
                window: Window | None = None, config: GatherConfig | None = None) -> torch.Tensor:
     """Gather when the window fits (or determinism is required), else the scatter (DIRECT) or scatter-then-gather.
@@ -567,7 +581,7 @@ def _transpose(grad: torch.Tensor, offsets2: torch.Tensor, out: torch.Tensor, mo
     out_hw, target_hw = tuple(grad.shape[-2:]), tuple(out.shape[-2:])
     if window is None:
         window = gather_window_device(offsets2, target_hw, mode)
-    if torch.are_deterministic_algorithms_enabled():
+    if window_stays_on_device(grad):
         return launch_gather(grad, offsets2, out, window, mode, config)
     if isinstance(window, torch.Tensor):
         window = tuple(window.tolist())  # the one host read: gather or scatter?
@@ -603,9 +617,9 @@ def warp_transpose(grad: torch.Tensor, offsets2: torch.Tensor, max_shift: int = 
     return _transpose(grad, offsets2, out, DIRECT, max_shift, config=config)
 
 
-def sample_transpose(grad: torch.Tensor, offsets2: torch.Tensor, src_hw: tuple[int, int], max_shift: int = MAX_GATHER_SHIFT,
-                     out_dtype: torch.dtype | None = None, like: torch.Tensor | None = None,
-                     config: GatherConfig | None = None) -> torch.Tensor:
+def sample_transpose(grad: torch.Tensor, offsets2: torch.Tensor, src_hw: tuple[int, int],
+                     max_shift: int = MAX_GATHER_SHIFT, out_dtype: torch.dtype | None = None,
+                     like: torch.Tensor | None = None, config: GatherConfig | None = None) -> torch.Tensor:
     """Transpose of the one-step sampling ``S(src, d)`` of a source of size ``src_hw``: Tensor[N, C, *src_hw].
 
     ``like``: a tensor whose memory format (and dtype, unless ``out_dtype``) the result takes.
@@ -665,7 +679,7 @@ def align_fa_backward_deterministic(
     mode_high = COMPOSITE if upsample_first else DIRECT
     windows = torch.cat((gather_window_device(offsets[:, 0:2], high_hw, mode_high),
                          gather_window_device(offsets[:, 2:4], low_hw, DIRECT)))
-    if torch.are_deterministic_algorithms_enabled():
+    if window_stays_on_device(grad):
         window_high, window_low = windows[:4], windows[4:]  # read on the device: no host synchronisation
         gather_both = True
     else:
