@@ -201,8 +201,8 @@ def reduce_context_partials_kernel(
     acc = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
     for g in range(0, programs):
         acc += tl.load(at + g * cells * C, mask=mask_c, other=0.0)
-    out = (grad_context_ptr + n.to(tl.int64) * gc_stride_n + (cell // k2) * gc_stride_h + (cell % k2) * gc_stride_w
-           + channels.to(tl.int64) * gc_stride_c)
+    out = (grad_context_ptr + n.to(tl.int64) * gc_stride_n + (cell // k2).to(tl.int64) * gc_stride_h
+           + (cell % k2).to(tl.int64) * gc_stride_w + channels.to(tl.int64) * gc_stride_c)
     tl.store(out, acc.to(grad_context_ptr.dtype.element_ty), mask=mask_c)
 
 
