@@ -1,8 +1,13 @@
 """AlignCM kernels: ``out = S(context, offsets) + local``, forward and backward.
 
 ``context`` is tiny (k1 x k2 cells, 3x3 in the paper) and every output pixel samples it, so in the
-backward each program first reduces its pixels' contributions per cell and then adds one value per
-(cell, channel) to the context gradient, instead of every pixel fighting for the same nine addresses.
+backward each program reduces its pixels' contributions per cell (one ``tl.dot`` per pixel block and
+channel block) into its own slot of a partial-sum buffer [N, programs, cells, C], and a second small
+kernel sums the slots in a fixed order into the context gradient: no atomics, every gradient bitwise
+reproducible. Each program walks several pixel blocks, so the buffer stays about 1-10 % of the
+gradient's bytes. Contexts with more than ``MAX_REDUCED_CELLS`` cells take the gather transpose of
+:mod:`alignseg.kernels.align_fa_gather` (deterministic; outside deterministic mode an atomic scatter
+when the offsets reach too far, see there).
 """
 
 from __future__ import annotations
@@ -11,6 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .align_fa_gather import (
+    DIRECT,
+    MAX_GATHER_SHIFT,
+    gather_window_device,
+    launch_gather,
+    window_fits,
+    window_stays_on_device,
+)
 from .bilinear import (
     align_corners_scale,
     bilinear_tap,
@@ -23,15 +36,18 @@ from .bilinear import (
 )
 from .launch import (
     MAX_REDUCED_CELLS,
-    KernelLaunch,
     MIN_DOT_SIZE,
+    KernelLaunch,
     LaunchConfig,
     accumulation_dtype,
-    align_corners_scale as host_scale,
     channel_block,
     check_index_range,
+    interpreting,
     launch_config,
     strides,
+)
+from .launch import (
+    align_corners_scale as host_scale,
 )
 
 
@@ -89,11 +105,14 @@ def cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS: tl.constexpr):
 
 # d out / d offset as in align_fa (sum over channels, program loops over channel blocks).
 # d out / d context[cell, c] = sum over pixels p of W[p, cell] * grad[p, c] = (W^T @ grad)[cell, c]:
-# reduced per program with one tl.dot, then one atomic add per (cell, channel). Contexts with more
-# than MAX_REDUCED_CELLS cells (REDUCE_CELLS false) scatter per tap instead. Grid: (pixel blocks, N).
+# one tl.dot per (pixel block, channel block), summed over the program's pixel blocks into its own slot
+# of the partial buffer (REDUCE_CELLS; reduce_context_partials_kernel adds the slots). Contexts with more
+# than MAX_REDUCED_CELLS cells either scatter per tap with atomics (SCATTER) or leave grad_context to the
+# gather transpose (neither). Grid: (programs, N); program g owns pixel blocks [g, g + 1) * BLOCKS_PER_PROGRAM.
 @triton.jit
 def align_cm_backward_kernel(
-    grad_context_ptr,  # [N, C, k1, k2] ACC_DTYPE buffer, zero-filled, accumulated with atomics
+    grad_context_ptr,  # REDUCE_CELLS: [N, programs, k1 * k2, C] ACC_DTYPE partial sums, written by their owner;
+                       # SCATTER: [N, C, k1, k2] ACC_DTYPE buffer, zero-filled, accumulated with atomics
     grad_offsets_ptr,  # [N, 2, H, W] written once per pixel
     grad_ptr,  # [N, C, H, W] gradient of the output
     context_ptr,  # [N, C, k1, k2]
@@ -105,52 +124,87 @@ def align_cm_backward_kernel(
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     C, H, W, k1, k2,
     scale_x, scale_y,  # align-corners scales of context, fp32 (see align_corners_scale)
+    BLOCKS_PER_PROGRAM,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CELLS: tl.constexpr,
     REDUCE_CELLS: tl.constexpr,
+    SCATTER: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
-    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
-
-    shift_ptr = offsets_ptr + n * off_stride_n
-    shift_at = rows * off_stride_h + cols * off_stride_w
     sx = align_corners_scale(k2, W, scale_x, ACC_DTYPE)
     sy = align_corners_scale(k1, H, scale_y, ACC_DTYPE)
-    x0, fx = source_coordinate(cols.to(ACC_DTYPE), load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx, k2)
-    y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy, k1)
-    if REDUCE_CELLS:
-        weights_t = tl.trans(cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS))
-        cells = tl.arange(0, CELLS)
-        cell_rows = cells // k2
-        cell_at = cell_rows.to(tl.int64) * gc_stride_h + (cells - cell_rows * k2).to(tl.int64) * gc_stride_w
-        mask_cells = cells < k1 * k2
-
     context_at = context_ptr + n * ctx_stride_n
-    grad_context_at = grad_context_ptr + n * gc_stride_n
-    grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
-    dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
-    dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
-    for c_start in range(0, C, BLOCK_C):
-        channels = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask_c = channels < C
-        grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
-        grad = grad.to(ACC_DTYPE)
-        block_dfx, block_dfy = tap_gradients(context_at, grad_context_at, grad, channels,
-                                             ctx_stride_c, ctx_stride_h, ctx_stride_w, gc_stride_c, gc_stride_h, gc_stride_w,
-                                             x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=not REDUCE_CELLS)
-        dfx += block_dfx
-        dfy += block_dfy
+    if REDUCE_CELLS:
+        cells = tl.arange(0, CELLS)
+        mask_cells = cells < k1 * k2
+        # this program's slot: partial[n, program, cell, c], cells x C contiguous
+        slot_at = grad_context_ptr + (n * tl.num_programs(0) + tl.program_id(0)) * (k1 * k2) * C + (cells * C)[:, None]
+    scatter_at = grad_context_ptr + n * gc_stride_n
+    first_block = tl.program_id(0) * BLOCKS_PER_PROGRAM
+    last_block = tl.minimum(first_block + BLOCKS_PER_PROGRAM, tl.cdiv(H * W, BLOCK_P))
+    for block in range(first_block, last_block):
+        rows, cols, mask_p = output_pixels(block, H, W, BLOCK_P)
+        shift_ptr = offsets_ptr + n * off_stride_n
+        shift_at = rows * off_stride_h + cols * off_stride_w
+        x0, fx = source_coordinate(cols.to(ACC_DTYPE), load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx, k2)
+        y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy, k1)
         if REDUCE_CELLS:
-            per_cell = tl.dot(weights_t, grad, input_precision="ieee", out_dtype=ACC_DTYPE)
-            tl.atomic_add(grad_context_at + cell_at[:, None] + channels[None, :] * gc_stride_c, per_cell,
-                          mask=mask_cells[:, None] & mask_c[None, :], sem="relaxed")
+            weights_t = tl.trans(cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS))
+            # the slot's previous values were stored by other threads of this program
+            tl.debug_barrier()
 
-    out_ty = grad_offsets_ptr.dtype.element_ty
-    go_at = grad_offsets_ptr + n * go_stride_n + rows * go_stride_h + cols * go_stride_w
-    tl.store(go_at, (dfx * sx).to(out_ty), mask=mask_p)
-    tl.store(go_at + channel_offset(1, go_stride_c), (dfy * sy).to(out_ty), mask=mask_p)
+        grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+        dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+        dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
+        for c_start in range(0, C, BLOCK_C):
+            channels = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
+            mask_c = channels < C
+            grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+            grad = grad.to(ACC_DTYPE)
+            block_dfx, block_dfy = tap_gradients(context_at, scatter_at, grad, channels,
+                                                 ctx_stride_c, ctx_stride_h, ctx_stride_w, gc_stride_c, gc_stride_h, gc_stride_w,
+                                                 x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=SCATTER)
+            dfx += block_dfx
+            dfy += block_dfy
+            if REDUCE_CELLS:
+                per_cell = tl.dot(weights_t, grad, input_precision="ieee", out_dtype=ACC_DTYPE)
+                slot_ptrs = slot_at + channels[None, :]
+                slot_mask = mask_cells[:, None] & mask_c[None, :]
+                if block > first_block:
+                    per_cell += tl.load(slot_ptrs, mask=slot_mask, other=0.0)
+                tl.store(slot_ptrs, per_cell, mask=slot_mask)
+
+        out_ty = grad_offsets_ptr.dtype.element_ty
+        go_at = grad_offsets_ptr + n * go_stride_n + rows * go_stride_h + cols * go_stride_w
+        tl.store(go_at, (dfx * sx).to(out_ty), mask=mask_p)
+        tl.store(go_at + channel_offset(1, go_stride_c), (dfy * sy).to(out_ty), mask=mask_p)
+
+
+# grad_context[n, c, cell] = sum over programs g, in order, of partial[n, g, cell, c]; written once in the
+# context's dtype. Grid: (N * cells, channel blocks).
+@triton.jit
+def reduce_context_partials_kernel(
+    grad_context_ptr,  # [N, C, k1, k2] in the context's dtype
+    partial_ptr,  # [N, programs, k1 * k2, C] ACC_DTYPE
+    gc_stride_n, gc_stride_c, gc_stride_h, gc_stride_w,
+    C, k1, k2, programs,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    cells = k1 * k2
+    n = tl.program_id(0) // cells
+    cell = tl.program_id(0) % cells
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = channels < C
+    at = partial_ptr + (n.to(tl.int64) * programs * cells + cell) * C + channels
+    acc = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    for g in range(0, programs):
+        acc += tl.load(at + g * cells * C, mask=mask_c, other=0.0)
+    out = (grad_context_ptr + n.to(tl.int64) * gc_stride_n + (cell // k2).to(tl.int64) * gc_stride_h
+           + (cell % k2).to(tl.int64) * gc_stride_w + channels.to(tl.int64) * gc_stride_c)
+    tl.store(out, acc.to(grad_context_ptr.dtype.element_ty), mask=mask_c)
 
 
 def plan_align_cm_forward(
@@ -199,19 +253,35 @@ def reduced_cells(k1: int, k2: int) -> int:
     return max(MIN_DOT_SIZE, triton.next_power_of_2(k1 * k2))
 
 
+# Programs per launch the context reduction aims for (about four per SM of an H100): more pixel blocks per
+# program keep the partial buffer small, enough programs keep every SM busy.
+TARGET_PROGRAMS = 512
+
+
+def blocks_per_program(pixel_blocks: int, batch: int, target_programs: int = TARGET_PROGRAMS) -> int:
+    return max(1, triton.cdiv(pixel_blocks * batch, target_programs))
+
+
 def plan_align_cm_backward(
     grad: torch.Tensor,
     context: torch.Tensor,
     offsets: torch.Tensor,
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
+    scatter: bool = False,
+    pixel_blocks_per_program: int | None = None,
 ) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor]]:
-    """The backward launch and its outputs: a zeroed fp32/fp64 buffer for context, and grad_offsets."""
+    """The per-pixel backward launch and its outputs (context buffer, grad_offsets).
+
+    The context buffer is, for contexts of at most ``MAX_REDUCED_CELLS`` cells, the partial sums
+    [N, programs, k1 * k2, C] (fp32/fp64) that :func:`reduce_context_partials` adds up; for larger
+    contexts with ``scatter`` a zeroed fp32/fp64 [N, C, k1, k2] buffer filled with atomics; otherwise an
+    empty tensor (the context gradient is gathered separately).
+    """
     check_index_range("grad", grad)
     n, c, H, W = grad.shape
     k1, k2 = context.shape[-2:]
     acc_torch, acc_triton = accumulation_dtype(context.dtype)
-    grad_context = torch.zeros_like(context, dtype=acc_torch)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
     cfg = launch_config("align_cm_backward", grad, config)
@@ -219,18 +289,55 @@ def plan_align_cm_backward(
     # tl.dot needs BLOCK_P and BLOCK_C of at least 16 too.
     block_c = channel_block(c, cfg, minimum=MIN_DOT_SIZE if cells else 1)
     block_p = max(cfg.block_p, MIN_DOT_SIZE) if cells else cfg.block_p
+    pixel_blocks = triton.cdiv(H * W, block_p)
+    per_program = pixel_blocks_per_program or (1 if interpreting() else blocks_per_program(pixel_blocks, n))
+    programs = triton.cdiv(pixel_blocks, per_program)
+    if cells:
+        buffer = torch.empty(n, programs, k1 * k2, c, dtype=acc_torch, device=grad.device)
+        buffer_strides = (0, 0, 0, 0)  # addressed as [N, programs, cells, C] inside the kernel
+    elif scatter:
+        buffer = torch.zeros_like(context, dtype=acc_torch)
+        buffer_strides = strides(buffer)
+    else:
+        buffer = torch.empty(0, dtype=acc_torch, device=grad.device)
+        buffer_strides = (0, 0, 0, 0)
     launch = KernelLaunch(
         align_cm_backward_kernel,
-        grid=(triton.cdiv(H * W, block_p), n),
+        grid=(programs, n),
         args=(
-            grad_context, grad_offsets, grad, context, offsets,
-            *strides(grad_context), *strides(grad_offsets), *strides(grad), *strides(context), *strides(offsets),
-            c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H),
+            buffer, grad_offsets, grad, context, offsets,
+            *buffer_strides, *strides(grad_offsets), *strides(grad), *strides(context), *strides(offsets),
+            c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H), per_program,
         ),
-        constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0, ACC_DTYPE=acc_triton),
+        constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0,
+                        SCATTER=cells == 0 and scatter, ACC_DTYPE=acc_triton),
         num_warps=cfg.num_warps,
     )
-    return launch, (grad_context, grad_offsets)
+    return launch, (buffer, grad_offsets)
+
+
+def plan_reduce_context_partials(partial: torch.Tensor, context: torch.Tensor,
+                                 grad_context: torch.Tensor | None = None) -> tuple[KernelLaunch, torch.Tensor]:
+    """The launch that sums ``partial`` [N, programs, k1 * k2, C] over programs into a gradient shaped like ``context``."""
+    n, programs, cells, c = partial.shape
+    k1, k2 = context.shape[-2:]
+    if grad_context is None:
+        grad_context = torch.empty_like(context)
+    block_c = min(128 if interpreting() else 256, triton.next_power_of_2(c))
+    launch = KernelLaunch(
+        reduce_context_partials_kernel,
+        grid=(n * cells, triton.cdiv(c, block_c)),
+        args=(grad_context, partial, *strides(grad_context), c, k1, k2, programs),
+        constexprs=dict(BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(context.dtype)[1]),
+        num_warps=4,
+    )
+    return launch, grad_context
+
+
+def reduce_context_partials(partial: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    launch, grad_context = plan_reduce_context_partials(partial, context)
+    launch()
+    return grad_context
 
 
 def align_cm_backward(
@@ -239,8 +346,30 @@ def align_cm_backward(
     offsets: torch.Tensor,
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
+    max_shift: int = MAX_GATHER_SHIFT,
+    pixel_blocks_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of (context, offsets) in their dtypes; local's gradient is ``grad`` itself."""
-    launch, (grad_context, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets, config)
+    """Gradients of (context, offsets) in their dtypes; local's gradient is ``grad`` itself.
+
+    Bitwise reproducible from run to run, except for a context of more than ``MAX_REDUCED_CELLS`` cells
+    with offsets reaching further than the gather's window limit (``max_shift`` pixels beyond the
+    zero-offset window) outside deterministic mode, which scatters with atomics.
+    """
+    k1, k2 = context.shape[-2:]
+    if reduced_cells(k1, k2):
+        launch, (partial, grad_offsets) = plan_align_cm_backward(
+            grad, context, offsets, grad_offsets=grad_offsets, config=config, pixel_blocks_per_program=pixel_blocks_per_program)
+        launch()
+        return reduce_context_partials(partial, context), grad_offsets
+    window = gather_window_device(offsets, (k1, k2), DIRECT)
+    scatter = False
+    if not window_stays_on_device(grad):  # deterministic mode or CUDA-graph capture: no host read
+        window = tuple(window.tolist())  # one host read of four integers: gather or scatter?
+        scatter = not window_fits(window, tuple(grad.shape[-2:]), (k1, k2), max_shift)
+    launch, (buffer, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets=grad_offsets, config=config,
+                                                         scatter=scatter)
     launch()
-    return grad_context.to(context.dtype), grad_offsets
+    if scatter:
+        return buffer.to(context.dtype), grad_offsets
+    grad_context = torch.empty_like(context)
+    return launch_gather(grad, offsets, grad_context, window, DIRECT), grad_offsets

@@ -1,0 +1,108 @@
+"""Device check of the deterministic backward (issue 12): bandwidth on minimum bytes, and bitwise reproducibility.
+
+    python -m bench.deterministic_backward [--dtypes bf16 fp32] [--layouts channels_last contiguous]
+
+On a GPU, at the issue's shapes (align_fa: N=8, C=256, 219x219 <- 110x110; align_cm: the stride-4 stress
+shape of the Cityscapes crop, N=4, 219x219 <- 3x3), it times in one run: the copy bandwidth; today's
+atomic align_fa backward kernel; the deterministic source-gradient gathers (both AlignFA forms); the
+authors' eager chain's backward (interpolate + two grid_sample); the AlignCM backward. It prints each
+time against the bytes model of bench/README.md ("Backward: bytes moved") and checks that two runs of
+every deterministic path are bitwise equal. Without a GPU: tiny shapes under the interpreter, a smoke
+run whose timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.baselines import align_fa_authors
+from bench.common import HAS_GPU, SMOKE_BANNER, copy_bandwidth_gbs, device, measure  # sets TRITON_INTERPRET
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def fa_bytes(e: int, n: int, c: int, H: int, W: int, h: int, w: int) -> dict[str, float]:
+    """The bytes model of bench/README.md for align_fa's backward."""
+    M, m, P = n * c * H * W, n * c * h * w, n * H * W
+    today = (22 * M + 20 * m if e == 2 else 20 * M + 16 * m) + 32 * P
+    return dict(minimum=e * (3 * M + 2 * m) + 32 * P, today=today, per_pixel=e * (2 * M + m) + 32 * P,
+                gathers=e * (2 * M + m) + 32 * P)
+
+
+def run(dtype_names, layout_names) -> int:
+    dev = device()
+    fa_shape = (8, 256, 219, 219, 110, 110) if HAS_GPU else (1, 4, 13, 11, 7, 6)
+    cm_shape = (4, 256, 219, 219) if HAS_GPU else (1, 4, 13, 11)
+    if not HAS_GPU:
+        print(SMOKE_BANNER)
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth: {bandwidth:.0f} GB/s on {torch.cuda.get_device_name() if HAS_GPU else 'CPU'}")
+    from alignseg.kernels.align_cm import align_cm_backward
+    from alignseg.kernels.align_fa import align_fa_backward
+    from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
+
+    failures = 0
+    for dname in dtype_names:
+        dtype = DTYPES[dname]
+        e = torch.finfo(dtype).bits // 8
+        for lname in layout_names:
+            fmt = LAYOUTS[lname]
+            n, c, H, W, h, w = fa_shape
+            low = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            high = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            offsets = (torch.randn(n, 4, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
+            grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            model = fa_bytes(e, n, c, H, W, h, w)
+
+            def report(name, fn, nbytes, minimum):
+                median, p20, p80 = measure(fn)
+                gbs = nbytes / (median * 1e-3) / 1e9
+                print(f"{dname:5} {lname:13} {name:44} {median * 1e3:9.1f} us  [{p20 * 1e3:.1f}, {p80 * 1e3:.1f}]"
+                      f"  model {nbytes / 1e6:8.1f} MB -> {gbs:7.0f} GB/s = {100 * gbs / bandwidth:5.1f} % copy"
+                      f"  (on minimum bytes {100 * minimum / (median * 1e-3) / 1e9 / bandwidth:5.1f} %)")
+
+            report("align_fa backward, today (atomic)", lambda: align_fa_backward(grad, low, high, offsets),
+                   model["today"], model["minimum"])
+            for first in (True, False):
+                def fn(first=first):
+                    return align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=first)
+
+                report(f"gathers grad_low+grad_high ({'upsample-first' if first else 'one-step'})", fn,
+                       model["gathers"], model["minimum"] - model["per_pixel"])
+                a, b = fn(), fn()
+                if not all(torch.equal(x, y) for x, y in zip(a, b)):
+                    print(f"  NOT BITWISE REPRODUCIBLE: gathers, upsample_first={first}")
+                    failures += 1
+            leaves = [t.detach().clone().requires_grad_(True) for t in (low, high, offsets)]
+            out = align_fa_authors(leaves[0], leaves[1], leaves[2].to(dtype))
+            report("authors' chain backward (grid_sample)", lambda: out.backward(grad, retain_graph=True),
+                   model["today"], model["minimum"])
+
+            n, c, H, W = cm_shape
+            context = torch.randn(n, c, 3, 3, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            cm_offsets = (torch.randn(n, 2, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
+            cm_grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            cm_min = e * (n * c * H * W + 2 * n * c * 9) + 16 * n * H * W
+            report("align_cm backward (deterministic)", lambda: align_cm_backward(cm_grad, context, cm_offsets),
+                   cm_min, cm_min)
+            a, b = align_cm_backward(cm_grad, context, cm_offsets), align_cm_backward(cm_grad, context, cm_offsets)
+            if not all(torch.equal(x, y) for x, y in zip(a, b)):
+                print("  NOT BITWISE REPRODUCIBLE: align_cm backward")
+                failures += 1
+    print("bitwise reproducible: all" if not failures else f"{failures} paths not reproducible")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--layouts", nargs="+", default=["channels_last", "contiguous"], choices=sorted(LAYOUTS))
+    args = parser.parse_args(argv)
+    return run(args.dtypes, args.layouts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
