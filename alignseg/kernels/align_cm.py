@@ -196,14 +196,14 @@ def reduce_context_partials_kernel(
     cells = k1 * k2
     n = tl.program_id(0) // cells
     cell = tl.program_id(0) % cells
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = channels < C
-    at = partial_ptr + (n.to(tl.int64) * programs * cells + cell) * C + channels
-    acc = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = (channels < C)[None, :]
+    at = partial_ptr + (n.to(tl.int64) * programs * cells + cell) * C + channels[None, :]
+    acc = tl.zeros((1, BLOCK_C), dtype=ACC_DTYPE)
     for g in range(0, programs):
         acc += tl.load(at + g * cells * C, mask=mask_c, other=0.0)
     out = (grad_context_ptr + n.to(tl.int64) * gc_stride_n + (cell // k2).to(tl.int64) * gc_stride_h
-           + (cell % k2).to(tl.int64) * gc_stride_w + channels.to(tl.int64) * gc_stride_c)
+           + (cell % k2).to(tl.int64) * gc_stride_w + channels[None, :] * gc_stride_c)
     tl.store(out, acc.to(grad_context_ptr.dtype.element_ty), mask=mask_c)
 
 
