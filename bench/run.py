@@ -62,6 +62,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         f"keeps the rows it wrote (GPU default {GPU_DEADLINE_S:.0f}; 0: no limit)")
     parser.add_argument("--skip-ops", action="store_true", help="do not run the op microbenchmarks")
     parser.add_argument("--skip-e2e", action="store_true", help="do not run the end-to-end benchmarks")
+    parser.add_argument("--skip-cpu-paths", action="store_true",
+                        help="smoke mode: do not time the ops' two eager CPU paths (bench.cpu_paths, ~30 s)")
     parser.add_argument("--settings", nargs="+", choices=[s[0] for s in SETTINGS], help="GPU: only these image settings")
     parser.add_argument("--dtypes", nargs="+", choices=list(ops_bench.DTYPES), help="only these dtypes")
     parser.add_argument("--layouts", nargs="+", choices=list(ops_bench.LAYOUTS), help="only these memory layouts")
@@ -353,6 +355,18 @@ def main(argv: list[str] | None = None) -> int:
         for path in written:
             log(f"wrote {path}")
     print_report(summary)
+    if not HAS_GPU and not args.skip_cpu_paths:
+        # Without a GPU `auto` runs an eager path: how much faster it is than the gather oracle, on this CPU.
+        import torch
+
+        from bench import cpu_paths
+
+        table = cpu_paths.format_table(cpu_paths.time_cpu_paths(repeats=3))
+        print(f"\nThe ops' CPU paths (what `auto` runs without a GPU), best of 3, {torch.get_num_threads()} torch threads:")
+        print(table)
+        if not args.no_write:
+            with paths["summary"].open("a") as f:
+                f.write(f"\n## CPU paths (best of 3)\n\n```\n{table}\n```\n")
     print(f"{time.time() - start:.0f} s in all")
     failed = [k for k, v in outcome.items() if v.startswith("failed")]
     if summary["disagreements"]:
