@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from alignseg.builders import build_datasets, build_model, evaluate_sharded
 from alignseg.config import load_config
 from alignseg.training.checkpoint import load_checkpoint, load_model_state
-from alignseg.training.logs import read_metrics
-from alignseg.training.trainer import build_datasets, build_model, evaluate_sharded
 from alignseg.training.distributed import DistributedContext
+from alignseg.training.logs import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("reference_ops")]
 
