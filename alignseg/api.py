@@ -85,7 +85,9 @@ def load_model(
             checkpoint, a check: a different number is an error.
         overrides: ``key.sub=value`` changes to a checkpoint's stored config (e.g. ``eval.mode=slide``).
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     text = os.fspath(checkpoint_or_preset)
     if text in models.list_models() and not Path(text).exists():
         classes = num_classes or 19
@@ -96,12 +98,16 @@ def load_model(
     else:
         if not Path(text).exists() and not Path(text).suffix and os.sep not in text:
             presets = ", ".join(models.list_models())
-            raise ValueError(f"checkpoint_or_preset {text!r} is neither a checkpoint file nor a model preset ({presets})")
+            raise ValueError(
+                f"checkpoint_or_preset {text!r} is neither a checkpoint file nor a model preset ({presets})"
+            )
         state = load_checkpoint(text)  # names the file when it is missing or unreadable
         cfg = config_from_dict(state["config"], origin=f"checkpoint {state['path']}")
         cfg = apply_overrides(cfg, overrides)
         if num_classes is not None and num_classes != cfg.data.num_classes:
-            raise ValueError(f"num_classes={num_classes}, but checkpoint {state['path']} has {cfg.data.num_classes} classes")
+            raise ValueError(
+                f"num_classes={num_classes}, but checkpoint {state['path']} has {cfg.data.num_classes} classes"
+            )
         model, convention = model_from_checkpoint(cfg, state)
         info = ModelInfo(
             cfg.model.name,
@@ -169,7 +175,8 @@ def _rgb_array(image: np.ndarray | Tensor) -> np.ndarray:
         layout = "[C, H, W]" if is_tensor else "[H, W, C]"
         raise ValueError(f"an image must be {layout} with C = 1, 3 or 4 (or [H, W]), got shape {tuple(image.shape)}")
     if array.shape[2] != 3:
-        log.info("image with %d channels read as RGB (%s)", array.shape[2], "grey" if array.shape[2] == 1 else "alpha dropped")
+        what = "grey" if array.shape[2] == 1 else "alpha dropped"
+        log.info("image with %d channels read as RGB (%s)", array.shape[2], what)
     return np.ascontiguousarray(np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3])
 
 
@@ -216,7 +223,8 @@ def class_map(
 ) -> Tensor:
     """The ``int64 Tensor[H, W]`` class map of one ``uint8 Tensor[3, H, W]`` RGB image."""
     if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3:
-        raise ValueError(f"pixels must be a uint8 Tensor[3, H, W] of RGB values, got {pixels.dtype} {tuple(pixels.shape)}")
+        got = f"{pixels.dtype} {tuple(pixels.shape)}"
+        raise ValueError(f"pixels must be a uint8 Tensor[3, H, W] of RGB values, got {got}")
     device = torch.device(device) if device is not None else model_device(model)
     batch = convention.normalize(pixels.to(device)).unsqueeze(0)
     was_training = model.training
@@ -287,7 +295,9 @@ def output_stems(images: Sequence[Path], root: Path) -> dict[Path, Path]:
     return stems
 
 
-def prepare_output_dir(out_dir: str | Path, root: Path, images: Sequence[Path], targets: Sequence[Path], overwrite: bool) -> Path:
+def prepare_output_dir(
+    out_dir: str | Path, root: Path, images: Sequence[Path], targets: Sequence[Path], overwrite: bool
+) -> Path:
     """Check (before any inference) that ``out_dir`` can take ``targets``, then create it.
 
     Refused with ``ValueError``: ``out_dir`` is a file or not writable; it is the input folder itself;
@@ -297,7 +307,9 @@ def prepare_output_dir(out_dir: str | Path, root: Path, images: Sequence[Path], 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output {out_dir} is a file; give a folder to write into")
     if len(images) > 1 and out_dir.resolve() == root.resolve():
-        raise ValueError(f"--output {out_dir} is the input folder; give a separate folder (it may be inside the input folder)")
+        raise ValueError(
+            f"--output {out_dir} is the input folder; give a separate folder (it may be inside the input folder)"
+        )
     inputs = {p.resolve() for p in images}
     seen: set[Path] = set()
     for target in targets:
@@ -365,13 +377,17 @@ def predict_folder(
     setting = build_inference_mode(mode, tile=tile, stride=stride, scales=scales, flip=flip)
     needed = {"cityscapes": 19, "ade20k": 150}.get(output_format)
     if needed is not None and info.num_classes != needed:
-        raise ValueError(f"--format {output_format} needs a model of the {needed} {output_format} classes; this one has {info.num_classes}")
+        raise ValueError(
+            f"--format {output_format} needs a model of the {needed} {output_format} classes; "
+            f"this one has {info.num_classes}"
+        )
     colours = get_palette(palette if palette is not None else info.dataset.palette)
     out_dir = Path(out_dir)
     root, images = find_images(image_dir, exclude=out_dir)
     targets = _targets(images, root, out_dir, output_format)
     prepare_output_dir(out_dir, root, images, [t for files in targets.values() for t in files], overwrite)
-    log.info("predicting %d images from %s into %s (%s), mode: %s", len(images), image_dir, out_dir, output_format, setting)
+    log.info("predicting %d images from %s into %s (%s), mode: %s", len(images), image_dir, out_dir, output_format,
+             setting)
     run = PredictionRun()
     for path in tqdm(images, desc=f"predict [{setting}]", unit="img", disable=not progress):
         try:
@@ -387,7 +403,9 @@ def predict_folder(
             written = (write_ade20k_result(prediction, path, out_dir, overwrite=True),)
         else:
             if int(prediction.max()) >= len(colours):
-                raise ValueError(f"the model predicts class {int(prediction.max())} but the palette has {len(colours)} colours")
+                raise ValueError(
+                    f"the model predicts class {int(prediction.max())} but the palette has {len(colours)} colours"
+                )
             label_path, overlay_path = targets[path]
             label_path.parent.mkdir(parents=True, exist_ok=True)
             colorize(prediction, colours).save(label_path)

@@ -37,7 +37,8 @@ def dataset_root(cfg: Config) -> Path:
         return Path(cfg.data.root).expanduser()
     if cfg.data.dataset == "synthetic":
         return default_synthetic_root()
-    raise ConfigError(f"data.root is not set: give the {cfg.data.dataset} folder, e.g. data.root=/data/{cfg.data.dataset}")
+    name = cfg.data.dataset
+    raise ConfigError(f"data.root is not set: give the {name} folder, e.g. data.root=/data/{name}")
 
 
 def same_convention(a: InputConvention, b: InputConvention) -> bool:

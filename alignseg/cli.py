@@ -7,6 +7,7 @@
     alignseg eval --checkpoint runs/.../best.pt --mode slide      # also writes runs/.../best.eval-slide.json
     alignseg eval --checkpoint runs/.../best.pt --mode multiscale eval.tile=null eval.flip=true
     alignseg predict --checkpoint runs/.../best.pt --input photos/ --output predictions/
+    alignseg predict --checkpoint best.pt --input cityscapes/leftImg8bit/test --output results/ --format cityscapes
     alignseg offsets --checkpoint runs/.../best.pt --input photo.png --output offsets/
     alignseg config cityscapes data.root=/data/cityscapes         # the resolved config and every key
     alignseg check-data --config cityscapes data.root=/data/cityscapes
@@ -342,7 +343,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "predict",
         help="write colour label maps and overlays for an image or a folder of images",
         description="Predict an image or every image under --input; writes <name>.png (class ids with a colour palette) "
-        "and <name>_overlay.jpg per image, or with --format the files a benchmark server takes. Inputs are never written; two inputs never share an output name "
+        "and <name>_overlay.jpg per image, or with --format the files a benchmark server takes. Inputs are never "
+        "written; two inputs never share an output name "
         "(scene.jpg and scene.png give scene_jpg.png and scene_png.png); the output folder is not read as input; "
         "an unreadable image is reported and skipped (exit code 1).",
     )

@@ -244,7 +244,8 @@ def validate(cfg: Config) -> None:
     input_override(cfg)
     if cfg.model.init and cfg.model.pretrained:
         raise ConfigError(
-            f"model.init={cfg.model.init} gives every weight, model.pretrained={cfg.model.pretrained} the backbone's: set one"
+            f"model.init={cfg.model.init} gives every weight, model.pretrained={cfg.model.pretrained} the "
+            f"backbone's: set one"
         )
     positive = {
         "data.num_classes": cfg.data.num_classes,
@@ -433,7 +434,8 @@ def _merge_into(obj: Any, values: dict[str, Any], prefix: str, origin: str) -> N
         if key not in names and full in _MOVED_KEYS:
             raise ConfigError(
                 f"{origin}: {full} is now part of {_MOVED_KEYS[full]}, the model's input convention, e.g. "
-                f"model.input={{channel_order: RGB, scale: {1 / 255!r}, mean: {list(IMAGENET_MEAN)}, std: {list(IMAGENET_STD)}}}"
+                f"model.input={{channel_order: RGB, scale: {1 / 255!r}, mean: {list(IMAGENET_MEAN)}, "
+                f"std: {list(IMAGENET_STD)}}}"
             )
         if key not in names:
             known = [prefix + n for n in names]

@@ -1,4 +1,4 @@
-"""Process-group set-up for ``torchrun`` (env:// rendezvous), and the small collective helpers training and evaluation use.
+"""Process-group set-up for ``torchrun`` (env:// rendezvous), and the collective helpers training and evaluation use.
 
 One process per device: ``torchrun --nproc_per_node=N -m alignseg train ...``. NCCL on CUDA, gloo on
 CPU. With a single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) nothing is initialised and every

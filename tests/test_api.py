@@ -29,6 +29,8 @@ pytestmark = pytest.mark.usefixtures("reference_ops")
 
 TINY = ["data.synthetic_train=2", "data.synthetic_val=1", "data.synthetic_size=[40,56]", "data.crop_size=[40,40]",
         "data.batch_size=2", "data.workers=0", "train.log_every=1", "train.progress=false", "train.device=cpu"]
+IMAGENET_OVERRIDE = ("model.input={channel_order: RGB, scale: 0.00392156862745098, mean: [0.485, 0.456, 0.406], "
+                     "std: [0.229, 0.224, 0.225]}")
 AUTHORS_MEAN_BGR = np.array((104.00698793, 116.66876762, 122.67891434), np.float32)  # their IMG_MEAN
 
 
@@ -60,8 +62,8 @@ def own_checkpoint(tmp_path_factory):
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
-    state = {"iteration": 0, "model": model.state_dict(), "config": cfg.to_dict(), "input": IMAGENET_CONVENTION.to_dict()}
-    return save_checkpoint(folder / "own.pt", state)
+    state = {"iteration": 0, "model": model.state_dict(), "config": cfg.to_dict()}
+    return save_checkpoint(folder / "own.pt", {**state, "input": IMAGENET_CONVENTION.to_dict()})
 
 
 def test_segment_takes_every_kind_of_image_and_matches_the_old_path(own_checkpoint, tmp_path, caplog):
@@ -134,7 +136,8 @@ def test_predict_writes_what_segment_returns_for_our_checkpoint(own_checkpoint, 
     assert main(["predict", "--checkpoint", str(own_checkpoint), "--input", str(tmp_path / "in.png"),
                  "--output", str(tmp_path / "out")]) == 0
     model = alignseg.load_model(own_checkpoint, device="cpu")
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "in.png")), _imagenet_class_map(model, photo))
+    written = np.asarray(Image.open(tmp_path / "out" / "in.png"))
+    np.testing.assert_array_equal(written, _imagenet_class_map(model, photo))
 
 
 # --- the input convention of a checkpoint -------------------------------------------------------------------
@@ -169,7 +172,7 @@ def test_an_override_that_disagrees_with_the_checkpoint_is_an_error_naming_both(
         alignseg.load_model(own_checkpoint, device="cpu", overrides=[bgr])
     assert main(["predict", "--checkpoint", str(own_checkpoint), "--input", "x.png", "--output", "o", bgr]) == 2
     assert "RGB x1/255, mean (0.485, 0.456, 0.406)" in caplog.text  # the checkpoint's, in the same message
-    same = "model.input={channel_order: RGB, scale: 0.00392156862745098, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}"
+    same = IMAGENET_OVERRIDE
     assert alignseg.load_model(own_checkpoint, device="cpu", overrides=[same]).info.input == IMAGENET_CONVENTION
 
 
@@ -239,9 +242,8 @@ def test_training_from_a_converted_checkpoint_takes_its_convention(tmp_path):
     assert trainer.val_set.transform.convention == AUTHORS_CONVENTION
     trainer.fit()
     assert load_checkpoint(tmp_path / "run" / "best.pt")["input"] == AUTHORS_CONVENTION.to_dict()
-    imagenet = "model.input={channel_order: RGB, scale: 0.00392156862745098, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}"
     cfg2 = load_config("synthetic", [f"data.root={tmp_path / 'data'}", *TINY, f"train.run_dir={tmp_path / 'run2'}",
-                                     f"model.init={dst}", imagenet])
+                                     f"model.init={dst}", IMAGENET_OVERRIDE])
     with pytest.raises(ConfigError, match="disagrees with the input convention of checkpoint .*BGR x1, mean"):
         Trainer(cfg2)
     assert not (tmp_path / "run2").exists()

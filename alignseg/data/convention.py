@@ -62,7 +62,8 @@ class InputConvention:
         _check_channels(image)
         x = image.float()
         divisor = 1 / self.scale
-        if abs(divisor - round(divisor)) < 1e-9:  # 1/255: divide, as torchvision does (x * (1/255) can differ in the last bit)
+        # 1/255: divide, as torchvision does (x * (1/255) can differ from x / 255 in the last bit)
+        if abs(divisor - round(divisor)) < 1e-9:
             x = x / round(divisor) if divisor != 1 else x
         else:
             x = x * self.scale

@@ -47,7 +47,9 @@ def read_rgb_image(path: str | Path, say: bool = False) -> Image.Image:
 
 
 def to_rgb(image: Image.Image, path: str | Path = "<image>", say: bool = False) -> Image.Image:
-    """``image`` as 8-bit RGB; 16-bit grey rescaled, unsupported modes refused naming ``path``; ``say``: log a conversion."""
+    """``image`` as 8-bit RGB; 16-bit grey rescaled, unsupported modes refused naming ``path``.
+
+    ``say``: log a conversion from another mode."""
     if say and image.mode != "RGB" and image.mode in CONVERTIBLE_MODES + SIXTEEN_BIT_MODES:
         what = "alpha dropped" if "A" in image.mode or image.mode in ("RGBa", "La", "PA") else "converted"
         log.info("%s: pixel mode %s read as RGB (%s)", path, image.mode, what)

@@ -3,8 +3,8 @@
 Training: random rescale (image bilinear, label nearest), photometric jitter, normalisation, pad to the
 crop size (image 0 *after* normalisation, i.e. the mean colour, as in the authors' CCNet-based code;
 label 255), random crop, horizontal flip. Normalisation is the model's :class:`InputConvention`
-(channel order, scale, mean, std; default the ImageNet one of this project's presets). All randomness comes from the torch RNG, so seeding torch (and
-the DataLoader's per-worker seeds) makes runs reproducible.
+(channel order, scale, mean, std; default the ImageNet one of this project's presets). All randomness
+comes from the torch RNG, so seeding torch (and the DataLoader's per-worker seeds) makes runs reproducible.
 """
 
 from __future__ import annotations

@@ -267,8 +267,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_class
 
     ``dst`` loads with ``alignseg eval|predict|offsets --checkpoint dst``: its config is the preset ``config``
     with the model's architecture and :data:`AUTHORS_MODEL_OPTIONS`. Besides the usual entries it holds
-    ``input`` (:data:`AUTHORS_INPUT`, as :meth:`InputConvention.to_dict`: the image convention the weights expect) and ``source`` (file name,
-    size, sha256, the keys converted). Returns a summary dict.
+    ``input`` (:data:`AUTHORS_INPUT` as :meth:`InputConvention.to_dict`: the image convention the weights
+    expect) and ``source`` (file name, size, sha256, the keys converted). Returns a summary dict.
     """
     from alignseg.checkpoint import save_checkpoint
     from alignseg.config import load_config

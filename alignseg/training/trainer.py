@@ -429,7 +429,8 @@ class Trainer:
             self.ctx.world_size,
             *d.crop_size,
         )
-        log.info("input convention: %s%s", self.convention, f" (the weights of {self.cfg.model.init})" if self.cfg.model.init else "")
+        origin = f" (the weights of {self.cfg.model.init})" if self.cfg.model.init else ""
+        log.info("input convention: %s%s", self.convention, origin)
         log.info(
             "device %s, alignment ops backend %s, precision %s, channels_last %s, torch.compile %s",
             self.device,
