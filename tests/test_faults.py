@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import alignseg
+from alignseg.checkpoint import CheckpointError, load_checkpoint
 from alignseg.cli import main
 from alignseg.config import ConfigError, load_config
 from alignseg.data import (
@@ -26,7 +27,6 @@ from alignseg.data import (
     make_synthetic_cityscapes,
     read_rgb_image,
 )
-from alignseg.training.checkpoint import CheckpointError, load_checkpoint
 from alignseg.training.logs import MetricsLog, read_metrics
 from alignseg.training.trainer import NonFiniteWeightsError, Trainer
 
@@ -437,7 +437,7 @@ def test_predict_one_file_and_offsets_of_a_folder(tmp_path):
 
 def _untrained_checkpoint(tmp_path) -> Path:
     from alignseg.builders import build_model
-    from alignseg.training.checkpoint import save_checkpoint
+    from alignseg.checkpoint import save_checkpoint
 
     cfg = load_config("synthetic", [f"data.root={tmp_path / 'data'}", *TINY])
     return save_checkpoint(tmp_path / "tiny.pt", {"iteration": 0, "model": build_model(cfg).state_dict(), "config": cfg.to_dict()})
