@@ -146,7 +146,8 @@ def test_predict_format_cityscapes_scores_with_the_official_evaluator_as_alignse
                                                         "config": cfg.to_dict()})  # an untrained tiny model
     report = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(checkpoint), "--output", str(report)]) == 0
-    ours = json.loads(report.read_text())["miou"]
+    record = json.loads(report.read_text())
+    ours = record["miou"]
 
     images, results = root / "leftImg8bit" / "val", tmp_path / "results"
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(images), "--output", str(results),
@@ -162,9 +163,12 @@ def test_predict_format_cityscapes_scores_with_the_official_evaluator_as_alignse
                            evalInstLevelScore=False, evalPixelAccuracy=False, colorized=False).items():  # fmt: skip
         monkeypatch.setattr(args, key, value)
     predictions = [evaluator.getPrediction(args, str(gt)) for gt in gt_files]
-    theirs = evaluator.evaluateImgLists(predictions, [str(gt) for gt in gt_files], args)["averageScoreClasses"]
+    result = evaluator.evaluateImgLists(predictions, [str(gt) for gt in gt_files], args)
     assert 0 < ours < 1
-    assert theirs == pytest.approx(ours, abs=0.01)
+    assert result["averageScoreClasses"] == pytest.approx(ours, abs=0.01)
+    for name, iou in record["iou"].items():  # class by class too (null: absent from truth and prediction)
+        theirs = result["classScores"][name]
+        assert np.isnan(theirs) if iou is None else theirs == pytest.approx(iou, abs=1e-6)
 
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "a"),
                  "--format", "ade20k"]) == 2  # a 19-class model cannot write ADE20K's 150 classes
