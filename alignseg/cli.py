@@ -7,6 +7,7 @@
     alignseg eval --checkpoint runs/.../best.pt --mode slide      # also writes runs/.../best.eval-slide.json
     alignseg eval --checkpoint runs/.../best.pt --mode multiscale eval.tile=null eval.flip=true
     alignseg predict --checkpoint runs/.../best.pt --input photos/ --output predictions/
+    alignseg predict --checkpoint best.pt --input cityscapes/leftImg8bit/test --output results/ --format cityscapes
     alignseg offsets --checkpoint runs/.../best.pt --input photo.png --output offsets/
     alignseg config cityscapes data.root=/data/cityscapes         # the resolved config and every key
     alignseg check-data --config cityscapes data.root=/data/cityscapes
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, apply_overrides, config_from_dict, describe_keys, eval_setting, list_presets, load_config
-from .training.checkpoint import CheckpointError
+from .api import OUTPUT_FORMATS
+from .checkpoint import CheckpointError
+from .config import ConfigError, describe_keys, eval_setting, list_presets, load_config
+from .evaluation.inference import MODES
 from .training.logs import log, setup_logging
 
 EXAMPLES = __doc__.split("\n\n", 1)[1]
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import distributed as dist_utils
+    from . import distributed as dist_utils
     from .training.trainer import Trainer, config_for_resume
 
     if args.resume is not None and args.config is not None:
@@ -92,36 +95,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_for_inference(args: argparse.Namespace):
-    """(config, model in eval mode on its device, distributed context) from ``--checkpoint`` + overrides."""
-    from .training import distributed as dist_utils
-    from .training.checkpoint import load_checkpoint, load_model_state
-    from .training.trainer import build_model
+    """(config, model in eval mode on its device with ``model.info``, distributed context) from ``--checkpoint``
+    + overrides, by :func:`alignseg.api.load_model`."""
+    from . import api
+    from . import distributed as dist_utils
 
-    state = load_checkpoint(args.checkpoint)
-    args.checkpoint_path, args.checkpoint_iteration = Path(state["path"]), int(state["iteration"])
-    cfg = apply_overrides(config_from_dict(state["config"], origin=f"checkpoint {state['path']}"), args.overrides)
-    if getattr(args, "mode", None):
-        cfg = apply_overrides(cfg, [f"eval.mode={args.mode}"])
-    ctx = dist_utils.init_distributed(cfg.train.device)
-    model = build_model(cfg, load_pretrained=False)
-    load_model_state(model, state)
-    model.to(ctx.device).eval()
-    log.info("loaded %s (%s, iteration %d)", state["path"], cfg.model.name, state["iteration"])
-    return cfg, model, ctx
+    overrides = [*args.overrides, *([f"eval.mode={args.mode}"] if getattr(args, "mode", None) else [])]
+    model = api.load_model(args.checkpoint, device="cpu", overrides=overrides)
+    info = model.info
+    args.checkpoint_path, args.checkpoint_iteration = Path(info.checkpoint), info.iteration
+    ctx = dist_utils.init_distributed(info.config.train.device)
+    return info.config, model.to(ctx.device), ctx
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import distributed as dist_utils
+    from .builders import build_datasets, dataset_root, evaluate_sharded
     from .evaluation import build_inference_mode
     from .evaluation.report import default_report_path, evaluation_record, write_report
-    from .training import distributed as dist_utils
-    from .training.trainer import build_datasets, dataset_root, evaluate_sharded
 
     cfg, model, ctx = _load_for_inference(args)
     setting = build_inference_mode(**eval_setting(cfg))
     target = args.output if args.output is not None else default_report_path(args.checkpoint_path, setting)
     _check_writable_file(target)  # before the evaluation, not after it
     try:
-        dataset = build_datasets(cfg, ctx, splits=("val",))["val"]
+        dataset = build_datasets(cfg, ctx, splits=("val",), convention=model.info.input)["val"]
         log.info("evaluating %d %s images, mode %s", len(dataset), cfg.data.val_split, setting)
         results = evaluate_sharded(model, dataset, cfg, ctx)
         if ctx.is_main:
@@ -136,7 +134,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 data_root=str(dataset_root(cfg)),
                 split=cfg.data.val_split,
                 num_images=len(dataset),
-                normalisation={"mean": list(cfg.data.mean), "std": list(cfg.data.std)},
+                input=model.info.input.to_dict(),
             )
             log.info("wrote %s", write_report(target, record))
     finally:
@@ -158,28 +156,26 @@ def _check_writable_file(path: Path) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from . import visualize
+    from . import api
 
     cfg, model, _ = _load_for_inference(args)
-    run = visualize.predict_folder(
+    run = api.predict_folder(
         model,
         args.input,
         args.output,
-        palette=_palette_name(cfg),
         **eval_setting(cfg),
-        mean=cfg.data.mean,
-        std=cfg.data.std,
         alpha=args.alpha,
+        output_format=args.format,
         overwrite=args.overwrite,
     )
     return _finish(run, f"predictions in {args.output}")
 
 
 def _cmd_offsets(args: argparse.Namespace) -> int:
-    from . import visualize
+    from . import api
 
-    cfg, model, _ = _load_for_inference(args)
-    run = visualize.offsets_for_images(model, args.input, args.output, cfg.data.mean, cfg.data.std, overwrite=args.overwrite)
+    _, model, _ = _load_for_inference(args)
+    run = api.offsets_for_images(model, args.input, args.output, overwrite=args.overwrite)
     return _finish(run, f"offset-field pictures in {args.output}")
 
 
@@ -203,13 +199,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
+    from .builders import build_datasets
     from .data import check_dataset
-    from .training import distributed as dist_utils
-    from .training.trainer import build_datasets
 
     cfg = load_config(args.config, args.overrides)
     splits = tuple(args.split or ("train", "val"))
-    datasets = build_datasets(cfg, dist_utils.DistributedContext(), splits=splits)
+    datasets = build_datasets(cfg, splits=splits)
     problems = 0
     for split, dataset in datasets.items():
         report = check_dataset(dataset, name=f"{cfg.data.dataset} {split}", progress=not args.quiet)
@@ -296,10 +291,6 @@ def _message(err: BaseException) -> str:
     return text
 
 
-def _palette_name(cfg) -> str:
-    return {"cityscapes": "cityscapes", "synthetic": "cityscapes", "ade20k": "ade20k"}.get(cfg.data.dataset, "generic")
-
-
 def _is_rank_zero() -> bool:
     import os
 
@@ -341,7 +332,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint with its stored config (overrides change it, e.g. data.root=...).",
     )
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
-    evaluate.add_argument("--mode", choices=("whole", "slide", "multiscale"), help="inference mode (default: the config's eval.mode)")
+    evaluate.add_argument("--mode", choices=MODES, help="inference mode (default: the config's eval.mode)")
     evaluate.add_argument(
         "--output", type=Path, help="JSON file for the results (default: beside the checkpoint, <name>.eval-<mode>.json)"
     )
@@ -352,7 +343,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "predict",
         help="write colour label maps and overlays for an image or a folder of images",
         description="Predict an image or every image under --input; writes <name>.png (class ids with a colour palette) "
-        "and <name>_overlay.jpg per image. Inputs are never written; two inputs never share an output name "
+        "and <name>_overlay.jpg per image, or with --format the files a benchmark server takes. Inputs are never "
+        "written; two inputs never share an output name "
         "(scene.jpg and scene.png give scene_jpg.png and scene_png.png); the output folder is not read as input; "
         "an unreadable image is reported and skipped (exit code 1).",
     )
@@ -360,7 +352,14 @@ def _build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, type=Path, help="an image file or a folder of images (subfolders included)")
     predict.add_argument("--output", required=True, type=Path, help="folder to write into (created; not the input folder)")
     predict.add_argument("--overwrite", action="store_true", help="replace output files left by an earlier run")
-    predict.add_argument("--mode", choices=("whole", "slide", "multiscale"), help="inference mode (default: the config's eval.mode)")
+    predict.add_argument("--mode", choices=MODES, help="inference mode (default: the config's eval.mode)")
+    predict.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default="palette",
+        help="palette: <name>.png + <name>_overlay.jpg (default); cityscapes: <city>/<city>_<seq>_<frame>_labelIds.png "
+        "with Cityscapes label ids from *_leftImg8bit names, for the test server; ade20k: <name>.png, class index + 1",
+    )
     predict.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the labels (default 0.5)")
     predict.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     predict.set_defaults(handler=_cmd_predict)

@@ -21,15 +21,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data import DatasetName
+from .data.convention import IMAGENET_MEAN, IMAGENET_STD, InputConvention
+from .data.metainfo import IGNORE_INDEX
+from .evaluation.inference import DEFAULT_SCALES, EvalMode
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "synthetic"
-
 
 
 class ConfigError(ValueError):
@@ -43,17 +45,24 @@ class ModelConfig:
     name: str = "alignseg_r101"
     # Backbone weights (torchvision-layout ResNet state_dict) loaded before training; no download.
     pretrained: str | None = None
+    # Weights of the whole network to start training from: an alignseg checkpoint (e.g. one written by
+    # `alignseg convert` from the authors' release); the run takes its input convention. Replaces pretrained.
+    init: str | None = None
     # Extra keyword arguments for alignseg.models.build (e.g. {upsample_high_first: true}).
     options: dict[str, Any] = field(default_factory=dict)
+    # The input convention the weights expect, {channel_order: RGB|BGR, scale, mean: [3], std: [3]}
+    # (alignseg.data.InputConvention). null: the checkpoint's (a resumed, evaluated or converted model) or the
+    # preset's (a new run: RGB, 1/255, ImageNet mean/std). Set, it must agree with the checkpoint's.
+    input: dict[str, Any] | None = None
 
 
 @dataclass
 class DataConfig:
     """Datasets, augmentation and loading. ``batch_size`` is the total over all processes."""
 
-    # cityscapes | ade20k | folder | synthetic (generated on first use in the Cityscapes layout at
-    # `root`, then read by the Cityscapes loader: the built-in demo)
-    dataset: str = "cityscapes"
+    # synthetic: generated on first use in the Cityscapes layout at `root`, then read by the Cityscapes
+    # loader (the built-in demo)
+    dataset: DatasetName = "cityscapes"
     # Dataset folder. For the synthetic set, null means the user cache (see default_synthetic_root).
     root: str | None = None
     synthetic_train: int = 160
@@ -68,14 +77,12 @@ class DataConfig:
     scale_step: float = 0.0  # 0: any scale in scale_range; > 0: only low, low + step, ..., high
     flip: bool = True
     jitter: float = 0.25  # photometric jitter strength (0 = off)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
     batch_size: int = 8
     workers: int = 4
     # What a training sample whose image or label file cannot be read does: stop (the run stops with
     # the file's name) | skip (a warning naming the file, the next readable sample takes its place).
     # Evaluation always stops: a metric over part of the set is not the set's metric.
-    on_corrupt: str = "stop"
+    on_corrupt: Literal["stop", "skip"] = "stop"
     # Extra keyword arguments for alignseg.data.build_dataset (folder datasets: image_dir, mask_dir, ...).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -84,7 +91,7 @@ class DataConfig:
 class OptimConfig:
     """Optimiser and learning-rate schedule: poly decay per iteration after an optional linear warmup."""
 
-    name: str = "sgd"  # sgd | adamw
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
@@ -99,9 +106,10 @@ class OptimConfig:
 class LossConfig:
     """Training loss, see :func:`alignseg.losses.build_criterion`."""
 
-    name: str = "ohem"  # ce | ohem | lovasz | ce_lovasz (CE + 0.8 Lovasz: the authors' "ohem" setting)
+    # ce_lovasz: CE + 0.8 Lovasz, the authors' "ohem" setting
+    name: Literal["ce", "ohem", "lovasz", "ce_lovasz"] = "ohem"
     aux_weight: float = 0.1
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     # Extra keyword arguments for build_criterion (e.g. {thresh: 0.7, min_kept: 100000}).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -115,13 +123,13 @@ class TrainConfig:
     # torch.use_deterministic_algorithms(True, warn_only=True): bit-reproducible on CPU on the same machine;
     # on a GPU the Triton backward (atomics) is not, and warns.
     deterministic: bool = False
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 uses a GradScaler
     channels_last: bool = True
     # torch.compile of the model: auto = on for CUDA, off on CPU. Measured on 2 CPU cores (tiny
     # preset, batch 8, 128x128): the first compiled step took 264 s, longer than the whole demo, and
     # later steps were no faster than eager (0.40 vs 0.38 s). on/off force it either way.
-    compile: str = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
     log_every: int = 20
     eval_every: int = 4000  # 0: only at the end
     checkpoint_every: int = 4000  # 0: only at the end
@@ -138,12 +146,12 @@ class TrainConfig:
 class EvalConfig:
     """Validation: whole image, sliding window, or multi-scale with flip."""
 
-    mode: str = "whole"  # whole | slide | multiscale
+    mode: EvalMode = "whole"
     # Sliding window. slide: null = the training crop (data.crop_size), so the tile follows the data.
     # multiscale: null = each scale run whole; a tile slides it at each scale.
     tile: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None  # null = two thirds of the tile
-    scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75)
+    scales: tuple[float, ...] = DEFAULT_SCALES
     flip: bool = False  # also average the horizontally flipped image (any mode)
     batch_size: int = 1
 
@@ -164,18 +172,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-CHOICES = {
-    "data.dataset": ("cityscapes", "ade20k", "folder", "synthetic"),
-    "data.on_corrupt": ("stop", "skip"),
-    "optim.name": ("sgd", "adamw"),
-    "loss.name": ("ce", "ohem", "lovasz", "ce_lovasz"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "train.compile": ("auto", "on", "off"),
-    "eval.mode": ("whole", "slide", "multiscale"),
-}
 
 
 def list_presets() -> list[str]:
@@ -211,7 +207,7 @@ def load_config(source: str | os.PathLike | None = None, overrides: typing.Seque
 def config_from_dict(values: dict[str, Any], origin: str = "config") -> Config:
     """A :class:`Config` from a nested dict (e.g. one stored in a checkpoint); unknown keys are errors."""
     cfg = Config()
-    _merge_into(cfg, values, prefix="", origin=origin)
+    _merge_into(cfg, _migrate(values), prefix="", origin=origin)
     validate(cfg)
     return cfg
 
@@ -244,12 +240,13 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Check choices and ranges; raises :class:`ConfigError` naming the key."""
-    for key, allowed in CHOICES.items():
-        section, attr = key.split(".")
-        value = getattr(getattr(cfg, section), attr)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    """Check ranges (choices are checked as values are set: their ``Literal`` types); raises :class:`ConfigError`."""
+    input_override(cfg)
+    if cfg.model.init and cfg.model.pretrained:
+        raise ConfigError(
+            f"model.init={cfg.model.init} gives every weight, model.pretrained={cfg.model.pretrained} the "
+            f"backbone's: set one"
+        )
     positive = {
         "data.num_classes": cfg.data.num_classes,
         "data.batch_size": cfg.data.batch_size,
@@ -308,7 +305,6 @@ def _check_numbers(cfg: Config) -> None:
         "optim.betas": (list(o.betas), "two numbers in [0, 1)", all(0 <= b < 1 for b in o.betas)),
         "loss.aux_weight": (cfg.loss.aux_weight, "0 or more", cfg.loss.aux_weight >= 0),
         "data.jitter": (cfg.data.jitter, "0 or more", cfg.data.jitter >= 0),
-        "data.std": (list(cfg.data.std), "three positive numbers", all(v > 0 for v in cfg.data.std)),
     }
     for key, (value, expected, ok) in ranges.items():
         if not ok:
@@ -331,6 +327,16 @@ def eval_setting(cfg: Config) -> dict[str, Any]:
     }
 
 
+def input_override(cfg: Config) -> InputConvention | None:
+    """``model.input`` as an :class:`InputConvention` (``None`` when not set); :class:`ConfigError` when invalid."""
+    if cfg.model.input is None:
+        return None
+    try:
+        return InputConvention.from_dict(cfg.model.input)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.input: {err}") from None
+
+
 def describe_keys(cfg: Config | None = None) -> list[str]:
     """One line per override key: ``section.key  type  = value`` (and the choices), for ``alignseg config``."""
     cfg = cfg or Config()
@@ -345,13 +351,40 @@ def describe_keys(cfg: Config | None = None) -> list[str]:
             key = f"{section.name}.{item.name}"
             kind = str(hints[item.name]).replace("typing.", "")
             kind = {"<class 'int'>": "int", "<class 'float'>": "float", "<class 'str'>": "str", "<class 'bool'>": "bool"}.get(kind, kind)
-            choices = f"  (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
-            lines.append(f"{key}  {kind}  = {_plain(getattr(values, item.name))!r}{choices}")
+            allowed = choices(hints[item.name])
+            choices_text = f"  (one of {', '.join(allowed)})" if allowed else ""
+            if allowed:
+                kind = "str"
+            lines.append(f"{key}  {kind}  = {_plain(getattr(values, item.name))!r}{choices_text}")
     return lines
+
+
+def choices(hint: Any) -> tuple[Any, ...]:
+    """The allowed values of a ``Literal[...]`` annotation (``()`` for any other): what the CLI offers too."""
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
 
 
 # ----------------------------------------------------------------------------------------------
 # internals
+
+# Keys of older configs (checkpoints, YAML files) and what became of them.
+_MOVED_KEYS = {"data.mean": "model.input", "data.std": "model.input"}
+
+
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """A stored config of an older version, in today's keys: ``data.mean``/``data.std`` become ``model.input``
+    (left unset when they were the ImageNet defaults, so the checkpoint's own convention decides)."""
+    data = values.get("data")
+    if not isinstance(data, dict) or not ({"mean", "std"} & set(data)):
+        return values
+    values = {**values, "data": dict(data)}
+    mean = tuple(values["data"].pop("mean", IMAGENET_MEAN))
+    std = tuple(values["data"].pop("std", IMAGENET_STD))
+    model = dict(values.get("model") or {})
+    if (mean, std) != (IMAGENET_MEAN, IMAGENET_STD) and model.get("input") is None:
+        model["input"] = {"channel_order": "RGB", "scale": 1 / 255, "mean": list(mean), "std": list(std)}
+        values["model"] = model
+    return values
 
 
 def _read_source(source: str | os.PathLike, seen: tuple[Path, ...]) -> tuple[dict[str, Any], str]:
@@ -398,6 +431,12 @@ def _merge_into(obj: Any, values: dict[str, Any], prefix: str, origin: str) -> N
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         full = prefix + str(key)
+        if key not in names and full in _MOVED_KEYS:
+            raise ConfigError(
+                f"{origin}: {full} is now part of {_MOVED_KEYS[full]}, the model's input convention, e.g. "
+                f"model.input={{channel_order: RGB, scale: {1 / 255!r}, mean: {list(IMAGENET_MEAN)}, "
+                f"std: {list(IMAGENET_STD)}}}"
+            )
         if key not in names:
             known = [prefix + n for n in names]
             close = difflib.get_close_matches(full, known, n=1)
@@ -424,6 +463,10 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key, origin)
     if hint is Any:
+        return value
+    if origin_type is Literal:
+        if value not in args:
+            fail(f"one of {list(args)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):

@@ -301,9 +301,9 @@ def test_authors_warp_is_their_pre_fix_normaliser():
 
 @pytest.mark.usefixtures("reference_ops")
 def test_convert_command_writes_a_checkpoint_that_eval_loads(tmp_path, capsys, caplog):
+    from alignseg.builders import build_model
+    from alignseg.checkpoint import load_checkpoint, load_model_state
     from alignseg.config import config_from_dict
-    from alignseg.training.checkpoint import load_checkpoint, load_model_state
-    from alignseg.training.trainer import build_model
 
     net = tiny_authors_net(num_classes=19, seed=3).float()
     src, dst = tmp_path / "CS_scenes_120000.pth", tmp_path / "converted.pt"

@@ -1,5 +1,6 @@
 """Configs: presets load, overrides parse and coerce, bad keys and values fail with the key named."""
 
+import numpy as np
 import pytest
 
 from alignseg.config import Config, ConfigError, apply_overrides, config_from_dict, list_presets, load_config
@@ -77,3 +78,44 @@ def test_apply_overrides_leaves_the_input_untouched():
     cfg = Config()
     apply_overrides(cfg, ["train.iterations=5"])
     assert cfg.train.iterations == Config().train.iterations
+
+
+def test_choices_and_defaults_have_one_home():
+    import typing
+
+    from alignseg.api import OUTPUT_FORMATS
+    from alignseg.cli import _build_parser
+    from alignseg.config import Config, choices, describe_keys
+    from alignseg.data import DATASETS
+    from alignseg.evaluation import DEFAULT_SCALES, MODES, build_inference_mode
+
+    cfg = Config()
+    assert cfg.eval.scales == DEFAULT_SCALES == build_inference_mode("multiscale").scales
+    hints = typing.get_type_hints(type(cfg.eval))
+    assert choices(hints["mode"]) == MODES and choices(typing.get_type_hints(type(cfg.data))["dataset"]) == DATASETS
+    lines = describe_keys(cfg)
+    assert "eval.mode  str  = 'whole'  (one of whole, slide, multiscale)" in lines
+    assert any(line.startswith("train.amp  str  = 'none'  (one of none, bf16, fp16)") for line in lines)
+    for key, bad in (("eval.mode", "sliding"), ("train.amp", "fp8"), ("loss.name", "dice"), ("data.dataset", "voc")):
+        with pytest.raises(ConfigError, match=f"{key} must be one of .*got '{bad}'"):
+            load_config(None, [f"{key}={bad}"])
+
+    commands = {action.dest: action for action in _build_parser()._subparsers._group_actions}["command"].choices
+    for name in ("eval", "predict"):
+        mode = next(a for a in commands[name]._actions if a.dest == "mode")
+        assert tuple(mode.choices) == MODES
+    predict = commands["predict"]
+    assert tuple(next(a for a in predict._actions if a.dest == "format").choices) == OUTPUT_FORMATS
+    assert "<name>.png" in predict.description and "_label.png" not in predict.format_help()
+
+
+def test_dataset_facts_come_from_metainfo():
+    from alignseg.api import _dataset_for
+    from alignseg.data.metainfo import CITYSCAPES_PALETTE, generic_palette
+
+    assert _dataset_for("synthetic", 19).palette is not None
+    np.testing.assert_array_equal(_dataset_for("synthetic", 19).palette, CITYSCAPES_PALETTE)
+    assert _dataset_for("ade20k", 150).name == "ade20k"
+    folder = _dataset_for("folder", 5)
+    assert folder.name == "folder" and len(folder.classes) == 5
+    np.testing.assert_array_equal(folder.palette, generic_palette(5))

@@ -122,3 +122,53 @@ def test_official_cityscapes_evaluator_agrees_with_our_metrics(tmp_path, monkeyp
     ):
         theirs = result["classScores"][label.name]
         assert np.isnan(theirs) if not ours.present[train_id] else theirs == pytest.approx(ours.iou[train_id], abs=1e-9)
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_predict_format_cityscapes_scores_with_the_official_evaluator_as_alignseg_eval(tmp_path, monkeypatch):
+    evaluator = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    if not hasattr(np, "in1d"):  # cityscapesscripts 2.3 calls np.in1d, which numpy 2.4 removed
+        monkeypatch.setattr(np, "in1d", np.isin, raising=False)
+    import json
+
+    from alignseg.builders import build_model
+    from alignseg.checkpoint import save_checkpoint
+    from alignseg.cli import main
+    from alignseg.config import load_config
+    from alignseg.data import make_synthetic_cityscapes
+
+    root = tmp_path / "data"
+    make_synthetic_cityscapes(root, num_train=1, num_val=3, size=(48, 80), progress=False)
+    cfg = load_config("synthetic", [f"data.root={root}", "data.synthetic_train=1", "data.synthetic_val=3",
+                                    "data.synthetic_size=[48,80]", "data.workers=0", "train.device=cpu"])
+    torch.manual_seed(3)
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", {"iteration": 0, "model": build_model(cfg).state_dict(),
+                                                        "config": cfg.to_dict()})  # an untrained tiny model
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--output", str(report)]) == 0
+    record = json.loads(report.read_text())
+    ours = record["miou"]
+
+    images, results = root / "leftImg8bit" / "val", tmp_path / "results"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(images), "--output", str(results),
+                 "--format", "cityscapes"]) == 0
+    gt_files = sorted((root / "gtFine" / "val").rglob("*_gtFine_labelIds.png"))
+    written = sorted(results.rglob("*.png"))
+    assert len(gt_files) == 3 and [p.name for p in written] == [
+        p.name.replace("_gtFine_labelIds", "_labelIds") for p in gt_files
+    ]
+    assert all(p.parent.name == p.name.split("_")[0] for p in written)  # a folder per city
+    args = evaluator.args
+    for key, value in dict(predictionPath=str(results), predictionWalk=None, JSONOutput=False, quiet=True,
+                           evalInstLevelScore=False, evalPixelAccuracy=False, colorized=False).items():  # fmt: skip
+        monkeypatch.setattr(args, key, value)
+    predictions = [evaluator.getPrediction(args, str(gt)) for gt in gt_files]
+    result = evaluator.evaluateImgLists(predictions, [str(gt) for gt in gt_files], args)
+    assert 0 < ours < 1
+    assert result["averageScoreClasses"] == pytest.approx(ours, abs=0.01)
+    for name, iou in record["iou"].items():  # class by class too (null: absent from truth and prediction)
+        theirs = result["classScores"][name]
+        assert np.isnan(theirs) if iou is None else theirs == pytest.approx(iou, abs=1e-6)
+
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "a"),
+                 "--format", "ade20k"]) == 2  # a 19-class model cannot write ADE20K's 150 classes

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from alignseg.builders import build_datasets, build_model, evaluate_sharded
+from alignseg.checkpoint import load_checkpoint, load_model_state
 from alignseg.config import load_config
-from alignseg.training.checkpoint import load_checkpoint, load_model_state
+from alignseg.distributed import DistributedContext
 from alignseg.training.logs import read_metrics
-from alignseg.training.trainer import build_datasets, build_model, evaluate_sharded
-from alignseg.training.distributed import DistributedContext
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("reference_ops")]
 
@@ -44,8 +44,8 @@ def _worker(rank, world_size, port, tmp_path):
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
+    from alignseg import distributed
     from alignseg.ops import set_backend
-    from alignseg.training import distributed
     from alignseg.training.trainer import Trainer
 
     set_backend("reference")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alignseg.checkpoint import load_checkpoint
 from alignseg.cli import main
-from alignseg.training.checkpoint import load_checkpoint
 from alignseg.training.logs import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("reference_ops")]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import alignseg
+from alignseg.checkpoint import CheckpointError, load_checkpoint
 from alignseg.cli import main
 from alignseg.config import ConfigError, load_config
 from alignseg.data import (
@@ -26,7 +27,6 @@ from alignseg.data import (
     make_synthetic_cityscapes,
     read_rgb_image,
 )
-from alignseg.training.checkpoint import CheckpointError, load_checkpoint
 from alignseg.training.logs import MetricsLog, read_metrics
 from alignseg.training.trainer import NonFiniteWeightsError, Trainer
 
@@ -367,7 +367,7 @@ def _unchanged(files: dict[Path, bytes]) -> bool:
 
 
 def test_predict_refuses_the_input_folder_as_output_and_writes_nothing(tmp_path):
-    from alignseg.visualize import predict_folder
+    from alignseg.api import predict_folder
 
     inputs = _photos(tmp_path / "photos")
     model = _CountingModel()
@@ -381,7 +381,7 @@ def test_predict_refuses_the_input_folder_as_output_and_writes_nothing(tmp_path)
 def test_predict_gives_colliding_names_their_own_outputs_and_skips_its_output_folder(tmp_path):
     from PIL import Image
 
-    from alignseg.visualize import predict_folder
+    from alignseg.api import predict_folder
 
     inputs = _photos(tmp_path / "photos")
     out = tmp_path / "photos" / "predictions"  # inside the input folder
@@ -398,7 +398,7 @@ def test_predict_gives_colliding_names_their_own_outputs_and_skips_its_output_fo
 
 
 def test_predict_checks_the_output_before_any_inference(tmp_path):
-    from alignseg.visualize import predict_folder
+    from alignseg.api import predict_folder
 
     _photos(tmp_path / "photos")
     (tmp_path / "taken").write_text("a file")
@@ -436,8 +436,8 @@ def test_predict_one_file_and_offsets_of_a_folder(tmp_path):
 
 
 def _untrained_checkpoint(tmp_path) -> Path:
-    from alignseg.training.checkpoint import save_checkpoint
-    from alignseg.training.trainer import build_model
+    from alignseg.builders import build_model
+    from alignseg.checkpoint import save_checkpoint
 
     cfg = load_config("synthetic", [f"data.root={tmp_path / 'data'}", *TINY])
     return save_checkpoint(tmp_path / "tiny.pt", {"iteration": 0, "model": build_model(cfg).state_dict(), "config": cfg.to_dict()})

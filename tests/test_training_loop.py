@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from alignseg.checkpoint import load_checkpoint
 from alignseg.config import load_config
 from alignseg.training import trainer as trainer_module
-from alignseg.training.checkpoint import load_checkpoint
 from alignseg.training.logs import read_metrics
 from alignseg.training.schedule import poly_lr
 from alignseg.training.trainer import NonFiniteLossError, Trainer

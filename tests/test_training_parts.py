@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from alignseg.config import OptimConfig
-from alignseg.training.checkpoint import (
+from alignseg.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
@@ -19,8 +18,9 @@ from alignseg.training.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from alignseg.config import OptimConfig
+from alignseg.distributed import shard_indices
 from alignseg.training.data_order import ResumableDistributedSampler, SeededSamples
-from alignseg.training.distributed import shard_indices
 from alignseg.training.schedule import build_optimizer, build_scheduler, poly_lr
 
 

@@ -1,4 +1,4 @@
-"""Palettes, colour PNGs, overlays, the flow colour coding, predict_folder and render_offsets."""
+"""Palettes, colour PNGs, overlays, the flow colour coding; the API's predict_folder and render_offsets."""
 
 import numpy as np
 import pytest
@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from alignseg.api import predict_folder, render_offsets
 from alignseg.visualize import (
     ADE20K_PALETTE,
     CITYSCAPES_PALETTE,
@@ -14,8 +15,6 @@ from alignseg.visualize import (
     flow_to_color,
     generic_palette,
     overlay,
-    predict_folder,
-    render_offsets,
 )
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
@@ -148,7 +147,8 @@ def test_render_offsets_of_the_real_network(tmp_path):
         for name, p in model.named_parameters():
             if "offset" in name and name.endswith("predict.weight"):
                 p.normal_(0, 0.1)
-    written = render_offsets(model, torch.randn(3, 64, 64), tmp_path, max_magnitude=1.0)
+    photo = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    written = render_offsets(model, photo, tmp_path, max_magnitude=1.0)
     assert set(written) == {"align_fa1", "align_fa2", "align_fa3", "align_fa4", "align_cm"}
     assert Image.open(written["align_fa1"]).size == (2 * 64 + 8, 64)
     assert Image.open(written["align_cm"]).size == (64, 64)

@@ -8,12 +8,13 @@ Every dataset yields ``(image Tensor[3, H, W] float32 normalised, label Tensor[H
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, get_args
 
 from .ade20k import ADE20KDataset
 from .base import SegmentationDataset, check_label_values
 from .check import DatasetReport, SkipCorrupt, check_dataset
 from .cityscapes import CityscapesDataset
-from .convention import IMAGENET_CONVENTION, InputConvention
+from .convention import AUTHORS_CONVENTION, IMAGENET_CONVENTION, InputConvention
 from .folder import FolderDataset
 from .images import DataFileError, read_rgb_image
 from .loader import build_loader, seed_worker
@@ -29,7 +30,9 @@ from .metainfo import (
 from .synthetic import SYNTHETIC_TRAIN_IDS, make_synthetic_cityscapes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform
 
-DATASETS = ("cityscapes", "ade20k", "folder", "synthetic")
+# The one list of dataset names: the config's data.dataset type and build_dataset's check.
+DatasetName = Literal["cityscapes", "ade20k", "folder", "synthetic"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)
 
 
 def build_dataset(name: str, root: str | Path, split: str, transform=None, **kw) -> SegmentationDataset:
@@ -81,6 +84,7 @@ __all__ = [
     "FolderDataset",
     "InputConvention",
     "IGNORE_INDEX",
+    "AUTHORS_CONVENTION",
     "IMAGENET_CONVENTION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

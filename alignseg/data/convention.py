@@ -59,14 +59,36 @@ class InputConvention:
         if not isinstance(image, Tensor) or image.dtype != torch.uint8:
             what = image.dtype if isinstance(image, Tensor) else type(image).__name__
             raise TypeError(f"image must be a uint8 tensor of RGB values 0..255, got {what}")
-        if image.ndim < 3 or image.shape[-3] != 3:
-            raise ValueError(f"image must have shape [..., 3, H, W] (RGB channels first), got {tuple(image.shape)}")
+        _check_channels(image)
         x = image.float()
+        divisor = 1 / self.scale
+        # 1/255: divide, as torchvision does (x * (1/255) can differ from x / 255 in the last bit)
+        if abs(divisor - round(divisor)) < 1e-9:
+            x = x / round(divisor) if divisor != 1 else x
+        else:
+            x = x * self.scale
+        return self._standardize(x)
+
+    def normalize_unit(self, image: Tensor) -> Tensor:
+        """:meth:`normalize` for a float RGB image already in [0, 1] (e.g. after photometric jitter)."""
+        if not isinstance(image, Tensor) or not image.is_floating_point():
+            what = image.dtype if isinstance(image, Tensor) else type(image).__name__
+            raise TypeError(f"image must be a float tensor of RGB values in [0, 1], got {what}")
+        _check_channels(image)
+        factor = 255 * self.scale
+        return self._standardize(image.float() if abs(factor - 1) < 1e-12 else image.float() * factor)
+
+    def _standardize(self, x: Tensor) -> Tensor:
         if self.channel_order == "BGR":
             x = x.flip(-3)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        return (x * self.scale - mean) / std
+        return (x - mean) / std
+
+    def __str__(self) -> str:
+        scale = "x1/255" if abs(self.scale * 255 - 1) < 1e-12 else f"x{self.scale:g}"
+        numbers = lambda values: "(" + ", ".join(f"{v:.6g}" for v in values) + ")"  # noqa: E731
+        return f"{self.channel_order} {scale}, mean {numbers(self.mean)}, std {numbers(self.std)}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (str, float, lists), safe for ``torch.save(weights_only=True)``, JSON and YAML."""
@@ -89,4 +111,13 @@ class InputConvention:
         return cls(values["channel_order"], values["scale"], tuple(values["mean"]), tuple(values["std"]))
 
 
+def _check_channels(image: Tensor) -> None:
+    if image.ndim < 3 or image.shape[-3] != 3:
+        raise ValueError(f"image must have shape [..., 3, H, W] (RGB channels first), got {tuple(image.shape)}")
+
+
 IMAGENET_CONVENTION = InputConvention()  # RGB, 1/255, ImageNet mean and std: every preset of this project
+
+# The authors' (speedinghzl/AlignSeg): cv2.imread gives BGR (dataset/datasets.py L175), float32 in 0..255 minus
+# IMG_MEAN (L182-183; IMG_MEAN in evaluate.py L27 and train.py L30, BGR order), no division by a std.
+AUTHORS_CONVENTION = InputConvention("BGR", 1.0, (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0))

@@ -2,8 +2,9 @@
 
 Training: random rescale (image bilinear, label nearest), photometric jitter, normalisation, pad to the
 crop size (image 0 *after* normalisation, i.e. the mean colour, as in the authors' CCNet-based code;
-label 255), random crop, horizontal flip. All randomness comes from the torch RNG, so seeding torch (and
-the DataLoader's per-worker seeds) makes runs reproducible.
+label 255), random crop, horizontal flip. Normalisation is the model's :class:`InputConvention`
+(channel order, scale, mean, std; default the ImageNet one of this project's presets). All randomness
+comes from the torch RNG, so seeding torch (and the DataLoader's per-worker seeds) makes runs reproducible.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .convention import IMAGENET_MEAN, IMAGENET_STD
+from .convention import IMAGENET_CONVENTION, IMAGENET_MEAN, IMAGENET_STD, InputConvention  # noqa: F401
 from .metainfo import IGNORE_INDEX
 
 
@@ -37,24 +38,6 @@ def to_tensor_pair(image: Image.Image, label: Image.Image) -> tuple[Tensor, Tens
     if label_t.shape != image_t.shape[1:]:
         raise ValueError(f"label size {tuple(label_t.shape)} does not match image size {tuple(image_t.shape[1:])}")
     return image_t, label_t
-
-
-class Normalize:
-    """uint8 or [0, 1] float image -> ``(image / 255 - mean) / std`` per channel (mean/std in [0, 1] units)."""
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std must be 3 values each, std positive; got mean={mean}, std={std}")
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, image: Tensor) -> Tensor:
-        if image.dtype == torch.uint8:
-            image = image.float() / 255
-        return (image - self.mean) / self.std
-
-    def __repr__(self) -> str:
-        return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
 def photometric_jitter(image: Tensor, strength: float) -> Tensor:
@@ -82,7 +65,7 @@ def photometric_jitter(image: Tensor, strength: float) -> Tensor:
 class TrainTransform:
     """Random rescale, jitter, normalise, pad, random crop, flip; see :func:`build_train_transform`."""
 
-    def __init__(self, crop_size, scale_range, mean, std, flip, jitter, scale_step=0.0):
+    def __init__(self, crop_size, scale_range, convention: InputConvention, flip, jitter, scale_step=0.0):
         self.crop_size = _pair(crop_size, "crop_size")
         low, high = scale_range
         if not 0 < low <= high:
@@ -95,7 +78,7 @@ class TrainTransform:
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         self.scale_range = (float(low), float(high))
-        self.normalize = Normalize(mean, std)
+        self.convention = _convention(convention)
         self.flip = flip
         self.jitter = float(jitter)
 
@@ -120,7 +103,7 @@ class TrainTransform:
         left = int(torch.randint(0, max(w, crop_w) - crop_w + 1, ()))
         bottom, right = min(top + crop_h, h), min(left + crop_w, w)
         inside = image_u8[:, top:bottom, left:right].float() / 255
-        inside = self.normalize(photometric_jitter(inside, self.jitter))
+        inside = self.convention.normalize_unit(photometric_jitter(inside, self.jitter))
         out_image = torch.zeros(3, crop_h, crop_w)
         out_label = torch.full((crop_h, crop_w), IGNORE_INDEX, dtype=torch.int64)
         out_image[:, : bottom - top, : right - left] = inside
@@ -133,29 +116,29 @@ class TrainTransform:
         return (
             f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, "
             f"scales={self.scales or 'uniform'}, flip={self.flip}, "
-            f"jitter={self.jitter}, {self.normalize})"
+            f"jitter={self.jitter}, input {self.convention})"
         )
 
 
 class EvalTransform:
-    """Normalise the image, keep the label; no resizing."""
+    """Normalise the image (``normalize``: the convention's), keep the label; no resizing."""
 
-    def __init__(self, mean, std):
-        self.normalize = Normalize(mean, std)
+    def __init__(self, convention: InputConvention = IMAGENET_CONVENTION):
+        self.convention = _convention(convention)
+        self.normalize = self.convention.normalize
 
     def __call__(self, image: Image.Image, label: Image.Image) -> tuple[Tensor, Tensor]:
         image_u8, label_t = to_tensor_pair(image, label)
         return self.normalize(image_u8), label_t
 
     def __repr__(self) -> str:
-        return f"EvalTransform({self.normalize})"
+        return f"EvalTransform(input {self.convention})"
 
 
 def build_train_transform(
     crop_size: int | Sequence[int],
     scale_range: tuple[float, float] = (0.5, 2.0),
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    convention: InputConvention = IMAGENET_CONVENTION,
     flip: bool = True,
     jitter: float = 0.25,
     scale_step: float = 0.0,
@@ -166,14 +149,20 @@ def build_train_transform(
         crop_size: output (height, width), or one int for a square crop.
         scale_range: the image is rescaled by a factor drawn uniformly from this range.
         scale_step: when positive, the factor is drawn uniformly from ``low, low + step, ..., high`` instead.
-        mean, std: normalisation per RGB channel, in [0, 1] units.
+        convention: the model's input convention (channel order, scale, mean, std).
         flip: horizontal flip with probability 0.5.
         jitter: photometric jitter strength: brightness, contrast and saturation factors are drawn from
             ``[1 - jitter, 1 + jitter]``; 0 turns it off.
     """
-    return TrainTransform(crop_size, scale_range, mean, std, flip, jitter, scale_step)
+    return TrainTransform(crop_size, scale_range, convention, flip, jitter, scale_step)
 
 
-def build_eval_transform(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> EvalTransform:
+def build_eval_transform(convention: InputConvention = IMAGENET_CONVENTION) -> EvalTransform:
     """The evaluation transform: normalise only (the image keeps its size)."""
-    return EvalTransform(mean, std)
+    return EvalTransform(convention)
+
+
+def _convention(convention: InputConvention) -> InputConvention:
+    if not isinstance(convention, InputConvention):
+        raise TypeError(f"convention must be an InputConvention, got {type(convention).__name__}")
+    return convention

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.metainfo import IGNORE_INDEX
 from .inference import build_inference_mode, infer
 from .metrics import ConfusionMatrix, SegmentationMetrics
 
@@ -33,7 +34,7 @@ def evaluate(
     scales: Sequence[float] | None = None,
     flip: bool = False,
     progress: bool = True,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     class_names: Sequence[str] | None = None,
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,

@@ -20,13 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODES = ("whole", "slide", "multiscale")
-DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# The one list of inference modes: the config's eval.mode type, the CLI's --mode choices and the checks here.
+EvalMode = Literal["whole", "slide", "multiscale"]
+MODES: tuple[str, ...] = get_args(EvalMode)
+# Multiscale factors when none are given; also the config's eval.scales default.
+DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def _size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

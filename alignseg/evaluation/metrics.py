@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..data.metainfo import IGNORE_INDEX
+
 
 @dataclass(eq=False)
 class SegmentationMetrics(Mapping):
@@ -94,7 +96,7 @@ class SegmentationMetrics(Mapping):
 class ConfusionMatrix:
     """Accumulates a ``num_classes x num_classes`` confusion matrix (int64, on the device of the first update)."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..training.checkpoint import write_text_atomic
+from ..checkpoint import write_text_atomic
 from .inference import InferenceMode
 from .metrics import SegmentationMetrics
 
@@ -53,7 +53,7 @@ def evaluation_record(metrics: SegmentationMetrics, setting: InferenceMode, **co
 
 
 def write_report(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` as JSON to ``path`` atomically (:func:`~alignseg.training.checkpoint.write_text_atomic`)."""
+    """Write ``record`` as JSON to ``path`` atomically (:func:`~alignseg.checkpoint.write_text_atomic`)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--output {path} is a folder; give a file name such as {path / 'eval.json'}")

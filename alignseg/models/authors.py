@@ -23,8 +23,10 @@ Their offsets are in the normalised units of their warp (before the issue #7 fix
 ``grid_sample``), which depend on the runtime size: the model is built with ``offset_convention="authors"``
 (see :class:`~alignseg.models.modules.AlignFA`); the default AlignFA form (``"exact"``) is already theirs.
 
-Their images are BGR, 0-255, minus a per-channel mean, not divided by a std (dataset/datasets.py L175, L183;
-``IMG_MEAN``, train.py L30): :data:`AUTHORS_INPUT` records it, and :func:`convert_checkpoint` stores it.
+Their images are BGR (``cv2.imread``, dataset/datasets.py L175), float 0-255 minus a per-channel mean (L182-183;
+``IMG_MEAN``, evaluate.py L27, train.py L30), not divided by a std: :data:`AUTHORS_INPUT`
+(:data:`alignseg.data.convention.AUTHORS_CONVENTION`) records it, and :func:`convert_checkpoint` stores it as the
+checkpoint's ``input``, which every path that feeds the model reads.
 """
 
 from __future__ import annotations
@@ -39,18 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..data.convention import AUTHORS_CONVENTION, InputConvention
 from .network import AlignSeg
 from .resnet import RESNET_LAYOUTS, BasicBlock, Bottleneck
 
-# The authors' input convention (cv2.imread gives BGR; image -= IMG_MEAN; no std): for the code that
-# normalises inputs (see the checkpoint's "input" entry).
-AUTHORS_INPUT: dict[str, Any] = {
-    "channel_order": "BGR",
-    "pixel_range": [0, 255],
-    "mean": [104.00698793, 116.66876762, 122.67891434],
-    "std": [1.0, 1.0, 1.0],
-    "source": "speedinghzl/AlignSeg train.py L30 (IMG_MEAN), dataset/datasets.py L175 (cv2.imread), L183 (image -= mean)",
-}
+# The input convention their weights expect (BGR, 0..255 minus IMG_MEAN, no std); stored in converted checkpoints.
+AUTHORS_INPUT: InputConvention = AUTHORS_CONVENTION
 
 # Constructor arguments that make AlignSeg compute what their networks/alignseg.py computes.
 AUTHORS_MODEL_OPTIONS: dict[str, Any] = {"offset_convention": "authors"}
@@ -271,11 +267,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_class
 
     ``dst`` loads with ``alignseg eval|predict|offsets --checkpoint dst``: its config is the preset ``config``
     with the model's architecture and :data:`AUTHORS_MODEL_OPTIONS`. Besides the usual entries it holds
-    ``input`` (:data:`AUTHORS_INPUT`: the image convention the weights expect) and ``source`` (file name,
-    size, sha256, the keys converted). Returns a summary dict.
+    ``input`` (:data:`AUTHORS_INPUT` as :meth:`InputConvention.to_dict`: the image convention the weights
+    expect) and ``source`` (file name, size, sha256, the keys converted). Returns a summary dict.
     """
+    from alignseg.checkpoint import save_checkpoint
     from alignseg.config import load_config
-    from alignseg.training.checkpoint import save_checkpoint
 
     src, dst = Path(src), Path(dst)
     if dst.exists():
@@ -299,7 +295,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_class
         "model": weights,
         "config": cfg.to_dict(),
         "best_miou": None,
-        "input": dict(AUTHORS_INPUT),
+        "input": AUTHORS_INPUT.to_dict(),
         "source": {"file": src.name, "bytes": src.stat().st_size, "sha256": digest,
                    "format": "speedinghzl/AlignSeg networks/alignseg.py state_dict", "keys": len(state)},
     })

@@ -1,6 +1,6 @@
 """Training: the loop (:class:`Trainer`), checkpoints, the poly schedule, distributed set-up."""
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap_model
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap_model
 from .schedule import build_optimizer, build_scheduler, poly_lr
 from .trainer import NonFiniteLossError, Trainer, train
 

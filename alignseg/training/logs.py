@@ -89,7 +89,7 @@ class MetricsLog:
             else:
                 dropped += 1
         if dropped:
-            from .checkpoint import write_text_atomic
+            from ..checkpoint import write_text_atomic
 
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
             log.info("%s: dropped %d records written after iteration %d (the run stopped after them)", self.path, dropped, iteration)

@@ -20,15 +20,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from .. import data as data_lib
+from .. import distributed as dist_utils
 from .. import evaluation, losses, models
-from ..config import Config, ConfigError, apply_overrides, config_from_dict, default_synthetic_root, eval_setting
-from ..ops import get_backend
-from . import distributed as dist_utils
-from .checkpoint import (
+from ..builders import build_datasets, build_model, dataset_root, evaluate_sharded, resolve_input_convention
+from ..checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
@@ -38,8 +36,10 @@ from .checkpoint import (
     unwrap_model,
     write_text_atomic,
 )
+from ..config import Config, ConfigError, apply_overrides, config_from_dict
+from ..distributed import DistributedContext
+from ..ops import get_backend
 from .data_order import ResumableDistributedSampler, SeededSamples
-from .distributed import DistributedContext
 from .logs import MetricsLog, add_file_log, log
 from .schedule import build_optimizer, build_scheduler
 
@@ -52,94 +52,6 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteWeightsError(NonFiniteLossError):
     """Training stopped because weights or BatchNorm statistics became NaN or infinite; nothing was saved."""
-
-
-# ----------------------------------------------------------------------------------------------
-# building blocks (also used by the eval / predict commands)
-
-
-def dataset_root(cfg: Config) -> Path:
-    if cfg.data.root is not None:
-        return Path(cfg.data.root).expanduser()
-    if cfg.data.dataset == "synthetic":
-        return default_synthetic_root()
-    raise ConfigError(f"data.root is not set: give the {cfg.data.dataset} folder, e.g. data.root=/data/{cfg.data.dataset}")
-
-
-def build_datasets(cfg: Config, ctx: DistributedContext, splits=("train", "val")) -> dict[str, Dataset]:
-    """The training (augmented) and validation datasets of ``cfg``; rank 0 generates the synthetic set."""
-    root = dataset_root(cfg)
-    name, options = cfg.data.dataset, dict(cfg.data.options)
-    if name == "synthetic":
-        if ctx.is_main:
-            data_lib.make_synthetic_cityscapes(
-                root,
-                num_train=cfg.data.synthetic_train,
-                num_val=cfg.data.synthetic_val,
-                size=tuple(cfg.data.synthetic_size),
-                seed=cfg.data.synthetic_seed,
-            )
-        dist_utils.barrier()
-        name = "cityscapes"
-    if name == "folder":
-        options.setdefault("num_classes", cfg.data.num_classes)
-    transforms = {
-        "train": data_lib.build_train_transform(
-            tuple(cfg.data.crop_size), tuple(cfg.data.scale_range), cfg.data.mean, cfg.data.std, cfg.data.flip, cfg.data.jitter,
-            scale_step=cfg.data.scale_step,
-        ),
-        "val": data_lib.build_eval_transform(cfg.data.mean, cfg.data.std),
-    }
-    split_names = {"train": cfg.data.train_split, "val": cfg.data.val_split}
-    out = {}
-    for split in splits:
-        dataset = data_lib.build_dataset(name, root, split_names[split], transforms[split], **options)
-        if dataset.num_classes != cfg.data.num_classes:
-            raise ConfigError(
-                f"data.num_classes={cfg.data.num_classes} but the {cfg.data.dataset} dataset at {root} has "
-                f"{dataset.num_classes} classes; set data.num_classes={dataset.num_classes}"
-            )
-        out[split] = dataset
-    return out
-
-
-def build_model(cfg: Config, load_pretrained: bool = True) -> nn.Module:
-    """The network of ``cfg`` (BatchNorm; converted to SyncBatchNorm by the trainer under DDP).
-
-    ``load_pretrained=False`` skips ``model.pretrained``: for a model about to get every weight from
-    a checkpoint (the backbone file need not exist where a run is resumed or evaluated).
-    """
-    model = models.build(cfg.model.name, cfg.data.num_classes, **cfg.model.options)
-    if load_pretrained and cfg.model.pretrained:
-        models.load_backbone_weights(model, Path(cfg.model.pretrained).expanduser())
-    return model
-
-
-def evaluate_sharded(
-    model: nn.Module, dataset: Dataset, cfg: Config, ctx: DistributedContext, progress: bool = True
-) -> evaluation.SegmentationMetrics:
-    """Evaluate ``model`` on ``dataset`` with ``cfg.eval``; each rank takes items ``rank::world``.
-
-    No item is padded or repeated, and the ranks' confusion matrices are summed before the metrics
-    are computed, so the numbers equal a single-process evaluation.
-    """
-    indices = dist_utils.shard_indices(len(dataset), ctx.rank, ctx.world_size)
-    shard = dataset if ctx.world_size == 1 else Subset(dataset, list(indices))
-    loader = data_lib.build_loader(
-        shard, cfg.eval.batch_size, train=False, workers=min(cfg.data.workers, 2), generator=torch.Generator()
-    )
-    return evaluation.evaluate(
-        model,
-        loader,
-        cfg.data.num_classes,
-        **eval_setting(cfg),
-        progress=progress and ctx.is_main,
-        class_names=getattr(dataset, "class_names", None),
-        distributed=ctx.is_distributed,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -174,7 +86,10 @@ class Trainer:
         # Nothing is written into the run folder until every check below has passed (the datasets, the
         # model, a resumed optimiser state): a refused start leaves no folder and no changed config.yaml.
 
-        datasets = build_datasets(self.cfg, self.ctx)
+        # Weights to start from (model.init, e.g. a converted checkpoint of the authors') bring their input convention.
+        init_state = load_checkpoint(cfg.model.init) if self.resume_state is None and cfg.model.init else None
+        self.convention = resolve_input_convention(self.cfg, self.resume_state or init_state)
+        datasets = build_datasets(self.cfg, self.ctx, convention=self.convention)
         self.train_set, self.val_set = datasets["train"], datasets["val"]
         self.sampler = ResumableDistributedSampler(self.train_set, self.ctx.world_size, self.ctx.rank, seed=t.seed)
         self.batches_per_epoch = self.sampler.num_samples // self.per_rank_batch
@@ -194,7 +109,9 @@ class Trainer:
             drop_last=True,
         )
 
-        model = build_model(self.cfg, load_pretrained=self.resume_state is None)
+        model = build_model(self.cfg, load_pretrained=self.resume_state is None and init_state is None)
+        if init_state is not None:
+            load_model_state(model, init_state)
         if self.ctx.is_distributed and self.device.type == "cuda":
             model = models.convert_sync_batchnorm(model)
         elif self.ctx.is_distributed:
@@ -429,6 +346,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,
             "config": self.cfg.to_dict(),
+            "input": self.convention.to_dict(),
             "best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
             "nonfinite_steps": self.nonfinite_steps,
             "data": {"world_size": self.ctx.world_size, "per_rank_batch": self.per_rank_batch, "seed": self.cfg.train.seed},
@@ -511,6 +429,8 @@ class Trainer:
             self.ctx.world_size,
             *d.crop_size,
         )
+        origin = f" (the weights of {self.cfg.model.init})" if self.cfg.model.init else ""
+        log.info("input convention: %s%s", self.convention, origin)
         log.info(
             "device %s, alignment ops backend %s, precision %s, channels_last %s, torch.compile %s",
             self.device,
