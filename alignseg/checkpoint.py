@@ -159,14 +159,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint file (damaged or truncated?)")
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is not a PyTorch checkpoint file (damaged or truncated?)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
         raise CheckpointError(
             f"refusing to load checkpoint {path}: it holds Python objects other than tensors and plain data, "
-            f"and alignseg loads checkpoints with weights_only=True ({detail.split('. Please')[0] or 'unpickling failed'})"
+            f"and alignseg loads checkpoints with weights_only=True "
+            f"({detail.split('. Please')[0] or 'unpickling failed'})"
         ) from err
     except Exception as err:  # zipfile, EOF and runtime errors all mean "unreadable"
         raise CheckpointError(

@@ -88,7 +88,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         results = Trainer(cfg, resume=args.resume, ctx=ctx).fit()
         if ctx.is_main and results is not None:
-            print(f"final val mIoU {100 * results['miou']:.2f}% ({cfg.eval.mode}) after {cfg.train.iterations} iterations")
+            print(
+                f"final val mIoU {100 * results['miou']:.2f}% ({cfg.eval.mode}) "
+                f"after {cfg.train.iterations} iterations"
+            )
     finally:
         dist_utils.cleanup_distributed()
     return 0
@@ -221,7 +224,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .ops import get_backend
     from .ops.backend import interpreter_enabled, triton_available
 
-    print(f"alignseg {__import__('alignseg').__version__}, Python {platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"alignseg {__import__('alignseg').__version__}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
     if triton_available():
         import triton
 
@@ -261,7 +267,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(str(err)) from None
     print(
         f"wrote {summary['dst']}: {summary['model']} ({summary['options']['depth']} layers, "
-        f"{summary['num_classes']} classes) from {summary['keys']} tensors of {args.src} (sha256 {summary['sha256'][:12]})\n"
+        f"{summary['num_classes']} classes) from {summary['keys']} tensors of {args.src} "
+        f"(sha256 {summary['sha256'][:12]})\n"
         f"evaluate: alignseg eval --checkpoint {summary['dst']} data.root=/path/to/cityscapes"
     )
     return 0
@@ -322,7 +329,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="a preset name or a YAML file (default: synthetic)")
     train.add_argument("--resume", help="continue from this checkpoint (or the latest one in this run folder)")
-    train.add_argument("--pretrained", help="ImageNet backbone weights (a local torchvision-layout ResNet file); same as model.pretrained=PATH")
+    train.add_argument(
+        "--pretrained",
+        help="ImageNet backbone weights (a local torchvision-layout ResNet file); same as model.pretrained=PATH",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     train.set_defaults(handler=_cmd_train)
 
@@ -334,7 +344,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     evaluate.add_argument("--mode", choices=MODES, help="inference mode (default: the config's eval.mode)")
     evaluate.add_argument(
-        "--output", type=Path, help="JSON file for the results (default: beside the checkpoint, <name>.eval-<mode>.json)"
+        "--output",
+        type=Path,
+        help="JSON file for the results (default: beside the checkpoint, <name>.eval-<mode>.json)",
     )
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     evaluate.set_defaults(handler=_cmd_eval)
@@ -342,15 +354,20 @@ def _build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict",
         help="write colour label maps and overlays for an image or a folder of images",
-        description="Predict an image or every image under --input; writes <name>.png (class ids with a colour palette) "
+        description="Predict an image or every image under --input; writes <name>.png "
+        "(class ids with a colour palette) "
         "and <name>_overlay.jpg per image, or with --format the files a benchmark server takes. Inputs are never "
         "written; two inputs never share an output name "
         "(scene.jpg and scene.png give scene_jpg.png and scene_png.png); the output folder is not read as input; "
         "an unreadable image is reported and skipped (exit code 1).",
     )
     predict.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
-    predict.add_argument("--input", required=True, type=Path, help="an image file or a folder of images (subfolders included)")
-    predict.add_argument("--output", required=True, type=Path, help="folder to write into (created; not the input folder)")
+    predict.add_argument(
+        "--input", required=True, type=Path, help="an image file or a folder of images (subfolders included)"
+    )
+    predict.add_argument(
+        "--output", required=True, type=Path, help="folder to write into (created; not the input folder)"
+    )
     predict.add_argument("--overwrite", action="store_true", help="replace output files left by an earlier run")
     predict.add_argument("--mode", choices=MODES, help="inference mode (default: the config's eval.mode)")
     predict.add_argument(
@@ -405,7 +422,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "preset's model at its crop size (all model presets when no name is given).",
     )
     info.add_argument("name", nargs="?", help="a model name (e.g. alignseg_r101) or a config preset (e.g. cityscapes)")
-    info.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default 512 1024, or the preset's crop)")
+    info.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="input size (default 512 1024, or the preset's crop)"
+    )
     info.add_argument("--num-classes", type=int, help="number of classes (default 19, or the preset's)")
     info.set_defaults(handler=_cmd_info)
     _add_convert_command(commands)

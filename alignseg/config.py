@@ -279,7 +279,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be two positive sizes [height, width], got {list(size)}")
     _check_numbers(cfg)
     if not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
-        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {list(cfg.data.scale_range)}")
+        raise ConfigError(
+            f"data.scale_range must be [low, high] with 0 < low <= high, got {list(cfg.data.scale_range)}"
+        )
     if not cfg.eval.scales or min(cfg.eval.scales) <= 0:
         raise ConfigError(f"eval.scales must be a non-empty list of positive numbers, got {list(cfg.eval.scales)}")
 
@@ -350,7 +352,9 @@ def describe_keys(cfg: Config | None = None) -> list[str]:
         for item in dataclasses.fields(values):
             key = f"{section.name}.{item.name}"
             kind = str(hints[item.name]).replace("typing.", "")
-            kind = {"<class 'int'>": "int", "<class 'float'>": "float", "<class 'str'>": "str", "<class 'bool'>": "bool"}.get(kind, kind)
+            kind = {
+                "<class 'int'>": "int", "<class 'float'>": "float", "<class 'str'>": "str", "<class 'bool'>": "bool"
+            }.get(kind, kind)
             allowed = choices(hints[item.name])
             choices_text = f"  (one of {', '.join(allowed)})" if allowed else ""
             if allowed:

@@ -126,15 +126,22 @@ class SegmentationLoss(nn.Module):
         if not isinstance(target, Tensor) or target.dim() != 3 or target.dtype != torch.int64:
             got = f"{tuple(target.shape)} {target.dtype}" if isinstance(target, Tensor) else type(target).__name__
             raise ValueError(f"target must be an int64 Tensor[N, H, W], got {got}")
-        main, aux = (outputs, None) if isinstance(outputs, Tensor) else (outputs[0], outputs[1] if len(outputs) > 1 else None)
+        main, aux = (
+            (outputs, None) if isinstance(outputs, Tensor) else (outputs[0], outputs[1] if len(outputs) > 1 else None)
+        )
         main = self._upsampled(main, target, "main")
         loss = sum(weight * fn(main, target, ignore_index=self.ignore_index) for weight, fn in self.main_terms)
         if aux is not None and self.aux_weight:
-            loss = loss + self.aux_weight * cross_entropy(self._upsampled(aux, target, "aux"), target, self.ignore_index)
+            loss = loss + self.aux_weight * cross_entropy(
+                self._upsampled(aux, target, "aux"), target, self.ignore_index
+            )
         return loss
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, num_classes={self.num_classes}, aux_weight={self.aux_weight}, ignore_index={self.ignore_index}"
+        return (
+            f"{self.name!r}, num_classes={self.num_classes}, aux_weight={self.aux_weight}, "
+            f"ignore_index={self.ignore_index}"
+        )
 
 
 CRITERIA = ("ce", "ohem", "lovasz", "ce_lovasz")
@@ -156,7 +163,9 @@ def build_criterion(
     if key not in CRITERIA:
         raise ValueError(f"loss name must be one of {CRITERIA}, got {name!r}")
     if set(kw) - allowed:
-        raise TypeError(f"loss {name!r} does not take {sorted(set(kw) - allowed)}; it takes {sorted(allowed) or 'no options'}")
+        raise TypeError(
+            f"loss {name!r} does not take {sorted(set(kw) - allowed)}; it takes {sorted(allowed) or 'no options'}"
+        )
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if aux_weight < 0:

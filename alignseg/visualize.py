@@ -32,7 +32,8 @@ PALETTES = {**{name: meta.palette for name, meta in METAINFO.items()}, "generic"
 
 
 def get_palette(palette: str | np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-    """A palette by name (``cityscapes``, ``ade20k``, ``synthetic``, ``generic``) or an ``[K, 3]`` array of RGB values."""
+    """A palette by name (``cityscapes``, ``ade20k``, ``synthetic``, ``generic``) or an ``[K, 3]`` array of
+    RGB values."""
     if isinstance(palette, str):
         if palette not in PALETTES:
             raise ValueError(f"palette must be one of {sorted(PALETTES)} or a [K, 3] array, got {palette!r}")
@@ -49,7 +50,9 @@ def _label_array(label: Tensor | np.ndarray, palette: np.ndarray) -> np.ndarray:
         raise ValueError(f"label must be an integer [H, W] map of class ids, got {array.dtype} shape {array.shape}")
     bad = ((array < 0) | (array >= len(palette))) & (array != IGNORE_INDEX)
     if bad.any():
-        raise ValueError(f"label holds ids outside the palette's {len(palette)} colours: {np.unique(array[bad])[:10].tolist()}")
+        raise ValueError(
+            f"label holds ids outside the palette's {len(palette)} colours: {np.unique(array[bad])[:10].tolist()}"
+        )
     return array
 
 
@@ -76,9 +79,13 @@ def _rgb_array(image: Image.Image | np.ndarray | Tensor) -> np.ndarray:
 
 
 def overlay(
-    image: Image.Image | np.ndarray, label: Tensor | np.ndarray, alpha: float = 0.5, palette: str | np.ndarray = "cityscapes"
+    image: Image.Image | np.ndarray,
+    label: Tensor | np.ndarray,
+    alpha: float = 0.5,
+    palette: str | np.ndarray = "cityscapes",
 ) -> Image.Image:
-    """The label colours blended over the photo: ``(1 - alpha) * image + alpha * colour``; ignored pixels keep the photo."""
+    """The label colours blended over the photo: ``(1 - alpha) * image + alpha * colour``; ignored pixels keep
+    the photo."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colours = get_palette(palette)
@@ -96,7 +103,9 @@ def _colour_wheel() -> np.ndarray:
     """The 55 hues of the Middlebury flow colour wheel, float [55, 3] in [0, 1]."""
     # Red->yellow->green->cyan->blue->magenta->red in 15, 6, 4, 11, 13, 6 steps: one channel full,
     # another ramping up or down.
-    segments = [(15, 0, 1, True), (6, 1, 0, False), (4, 1, 2, True), (11, 2, 1, False), (13, 2, 0, True), (6, 0, 2, False)]
+    segments = [
+        (15, 0, 1, True), (6, 1, 0, False), (4, 1, 2, True), (11, 2, 1, False), (13, 2, 0, True), (6, 0, 2, False)
+    ]
     wheel = []
     for steps, full_channel, ramp_channel, rising in segments:
         for i in range(steps):
@@ -118,7 +127,9 @@ def flow_to_color(offsets: Tensor | np.ndarray, max_magnitude: float | None = No
     length over ``max_magnitude`` the saturation (default: the field's longest offset); 0 is white,
     offsets longer than ``max_magnitude`` are drawn darker.
     """
-    field = offsets.detach().float().cpu().numpy() if isinstance(offsets, Tensor) else np.asarray(offsets, dtype=np.float64)
+    field = (
+        offsets.detach().float().cpu().numpy() if isinstance(offsets, Tensor) else np.asarray(offsets, dtype=np.float64)
+    )
     if field.ndim != 3 or field.shape[0] != 2:
         raise ValueError(f"offsets must be [2, H, W] (dx, dy), got shape {field.shape}")
     dx, dy = np.nan_to_num(field[0]), np.nan_to_num(field[1])

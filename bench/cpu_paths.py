@@ -73,7 +73,9 @@ def time_cpu_paths(shapes=SHAPES, repeats: int = 5, dtype: torch.dtype = torch.f
 
 
 def format_table(rows: list[CpuPathTiming]) -> str:
-    lines = [f"{'align_fa fp32 channels_last':<32} {'mode':<8} {'reference ms':>12} {'grid_sample ms':>14} {'ratio':>6}"]
+    lines = [
+        f"{'align_fa fp32 channels_last':<32} {'mode':<8} {'reference ms':>12} {'grid_sample ms':>14} {'ratio':>6}"
+    ]
     for r in rows:
         lines.append(f"{r.shape:<32} {r.mode:<8} {r.reference_ms:>12.1f} {r.grid_sample_ms:>14.1f} {r.ratio:>5.1f}x")
     return "\n".join(lines)

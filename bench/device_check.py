@@ -44,7 +44,9 @@ AGREEMENT_LIMIT_S = 120.0  # on a GPU: the phase's own hard limit, within the de
 TESTS_LIMIT_S = 180.0
 SUMMARY_RESERVE_S = 10.0  # kept back at the end for reading the rows and writing the summary
 OPS_SHARE = 0.6  # of the benchmark's time, for the op suite; the end-to-end suite gets the rest
-FILES = ("summary.md", "device_check.log", "agreement.jsonl", "gpu_tests.txt", "ops.csv", "ops.jsonl", "e2e.csv", "e2e.jsonl")
+FILES = (
+    "summary.md", "device_check.log", "agreement.jsonl", "gpu_tests.txt", "ops.csv", "ops.jsonl", "e2e.csv", "e2e.jsonl"
+)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -72,11 +74,22 @@ def environment() -> dict[str, str]:
     env["smoke"] = "yes" if not HAS_GPU else "no"
     if HAS_GPU:
         props = torch.cuda.get_device_properties(0)
-        env["gpu"] = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"
+        env["gpu"] = (
+            f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.1f} GiB, "
+            f"sm_{props.major}{props.minor}"
+        )
         env["cudnn"] = str(torch.backends.cudnn.version())
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        smi = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as error:
         env["nvidia_smi"] = f"not available ({type(error).__name__})"
@@ -101,7 +114,18 @@ def agreement_plan():
 
 def agreement_phase(out: Path) -> int:
     """Check the Triton ops against the float64 eager reference; one row per (case, dtype, layout)."""
-    from bench.ops_bench import _REFERENCE, DTYPES, LAYOUTS, TOLERANCE, OpInputs, _on_triton, _PUBLIC, _relative_error, forward_backward, make_inputs
+    from bench.ops_bench import (
+        _PUBLIC,
+        _REFERENCE,
+        DTYPES,
+        LAYOUTS,
+        TOLERANCE,
+        OpInputs,
+        _on_triton,
+        _relative_error,
+        forward_backward,
+        make_inputs,
+    )
 
     writer = common.RowWriter(out / "agreement", common.run_info(), csv=False)
     failed = 0
@@ -112,7 +136,9 @@ def agreement_phase(out: Path) -> int:
         try:
             dtype = DTYPES[dtype_name]
             inputs = make_inputs(case, dtype, LAYOUTS[layout_name], common.device(), seed=i)
-            exact = OpInputs([a.detach().double().requires_grad_() for a in inputs.args], inputs.grad_out.double(), inputs.names)
+            exact = OpInputs(
+                [a.detach().double().requires_grad_() for a in inputs.args], inputs.grad_out.double(), inputs.names
+            )
             names = ["out"] + [f"grad_{n}" for n in inputs.names]
             oracle = dict(zip(names, (lambda o, g: [o, *g])(*forward_backward(_REFERENCE[case.op], exact))))
 
@@ -136,7 +162,11 @@ def agreement_phase(out: Path) -> int:
         row["seconds"] = time.perf_counter() - started
         writer.write(row)
         failed += not row["ok"]
-        worst = f"worst {row['worst']} {row['triton_errors'][row['worst']]:.1e} <= {row['allowed']:.1e}" if "worst" in row else row.get("error", "")
+        worst = (
+            f"worst {row['worst']} {row['triton_errors'][row['worst']]:.1e} <= {row['allowed']:.1e}"
+            if "worst" in row
+            else row.get("error", "")
+        )
         log(f"agreement {i}/{len(plan)} {'ok  ' if row['ok'] else 'FAIL'} {case.op} {case.label} {dtype_name} "
             f"{layout_name}: {worst} ({row['seconds']:.1f} s)")
     return 1 if failed else 0
@@ -201,8 +231,10 @@ class Run:
         lines = [
             f"# Device check: {state}",
             "",
-            f"{self.env.get('device', '?')} | torch {self.env.get('torch', '?')} | triton {self.env.get('triton', '?')} | "
-            f"CUDA {self.env.get('cuda', '?')} | Python {self.env.get('python', '?')} | commit {self.env.get('commit', '?')} | "
+            f"{self.env.get('device', '?')} | torch {self.env.get('torch', '?')} | "
+            f"triton {self.env.get('triton', '?')} | "
+            f"CUDA {self.env.get('cuda', '?')} | Python {self.env.get('python', '?')} | "
+            f"commit {self.env.get('commit', '?')} | "
             f"started {self.env.get('timestamp', '?')} | {time.time() - self.start:.0f} s so far",
             "",
         ]
@@ -227,7 +259,9 @@ class Run:
         tests = self.out / "gpu_tests.txt"
         if tests.exists():
             tail = [line for line in tests.read_text().splitlines() if line.strip()][-12:]
-            lines += ["## GPU-marked tests (`pytest -m gpu`; full output in gpu_tests.txt)", "", "```", *tail, "```", ""]
+            lines += [
+                "## GPU-marked tests (`pytest -m gpu`; full output in gpu_tests.txt)", "", "```", *tail, "```", ""
+            ]
         if self.bench_summary is not None:
             lines += ["## Benchmarks (`python -m bench`; every row in ops.csv / e2e.csv)", "",
                       bench_run.markdown_report(self.bench_summary)]
@@ -284,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         run.say(f"benchmarks: {bench_s:.0f} s")
         outcome = bench_run.run_suites(bench_args, bench_argv, paths, time.time() + bench_s, log_file=run.log_file)
         run.bench_summary = bench_run.summarize(bench_args, paths, run.env, outcome)
-        worst = "done" if all(o == "done" for o in outcome.values()) else "; ".join(f"{k} {v}" for k, v in outcome.items())
-        run.phases.append(("benchmarks", worst if not run.bench_summary["errors"] else worst + ", with errors", time.time() - started))
+        worst = (
+            "done" if all(o == "done" for o in outcome.values()) else "; ".join(f"{k} {v}" for k, v in outcome.items())
+        )
+        run.phases.append(
+            ("benchmarks", worst if not run.bench_summary["errors"] else worst + ", with errors", time.time() - started)
+        )
         run.say(f"benchmarks: {run.phases[-1][1]} ({time.time() - started:.0f} s)")
     run.write_summary("complete")
     status = run.exit_status()

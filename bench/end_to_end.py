@@ -2,7 +2,8 @@
 
 Variants (the same initial weights in each): eager model with the reference ops and with the Triton
 ops, compiled model with the reference ops and with the Triton ops. Everything runs under bf16 autocast with
-channels_last images and weights (fp32 in the CPU smoke mode). A training step is forward, the loss (cross-entropy on the main
+channels_last images and weights (fp32 in the CPU smoke mode). A training step is forward, the loss
+(cross-entropy on the main
 and auxiliary logits), backward and an SGD step; inference is the eval-mode forward, logits upsampled
 to the image size. Reported: images/s over the timed steps, the time the warm-up (compilation
 included) took, and the peak memory allocated during the timed steps.
@@ -46,9 +47,13 @@ class EndToEndConfig:
 
 
 # The paper's setting: Cityscapes 872x872 crops, 4 images per GPU; full 1024x2048 images at test time.
-GPU_CONFIG = EndToEndConfig("alignseg_r101", 19, (872, 872), 4, (1024, 2048), 1, warmup_steps=3, steps=10, bf16_autocast=True)
+GPU_CONFIG = EndToEndConfig(
+    "alignseg_r101", 19, (872, 872), 4, (1024, 2048), 1, warmup_steps=3, steps=10, bf16_autocast=True
+)
 # fp32 on the CPU: bf16 convolutions there are emulated, many times slower, and would show nothing.
-SMOKE_CONFIG = EndToEndConfig("alignseg_tiny", 19, (64, 64), 1, (64, 64), 1, warmup_steps=0, steps=1, bf16_autocast=False)
+SMOKE_CONFIG = EndToEndConfig(
+    "alignseg_tiny", 19, (64, 64), 1, (64, 64), 1, warmup_steps=0, steps=1, bf16_autocast=False
+)
 
 
 def _sync() -> None:
@@ -130,7 +135,9 @@ def run_variant(model: torch.nn.Module, config: EndToEndConfig, task: str, execu
         # A compiled model compiles on its first step, which must never be timed.
         warmup_steps = config.warmup_steps if execution == "eager" else max(1, config.warmup_steps)
         timing = _timed_loop(step, warmup_steps, config.steps)
-    execution_name = execution + (f"({compile_backend})" if execution == "compiled" and compile_backend != "inductor" else "")
+    execution_name = execution + (
+        f"({compile_backend})" if execution == "compiled" and compile_backend != "inductor" else ""
+    )
     return {
         "task": task,
         "preset": config.preset,

@@ -26,11 +26,13 @@ import torch
 import torch._functorch.config
 
 from bench import common  # noqa: F401  (first: sets TRITON_INTERPRET=1 without a GPU)
+
+# isort: split
+from alignseg.ops import align_cm, align_cm_reference, align_fa, align_fa_reference, use_backend
+from alignseg.ops.sampling import _align_corners_scale
 from bench.baselines import align_cm_authors, align_fa_authors, authors_formulation_is_exact
 from bench.common import HAS_GPU, log, measure, peak_memory_mib
 from bench.shapes import MODES, OpCase, flops, min_bytes
-from alignseg.ops import align_cm, align_cm_reference, align_fa, align_fa_reference, use_backend
-from alignseg.ops.sampling import _align_corners_scale
 
 PROVIDERS = ("triton", "one_step", "reference", "authors", "compiled")
 BASELINES = ("one_step", "reference", "authors", "compiled")
@@ -59,7 +61,9 @@ class OpInputs:
     names: list[str]
 
 
-def make_inputs(case: OpCase, dtype: torch.dtype, layout: torch.memory_format, device: torch.device, seed: int = 0) -> OpInputs:
+def make_inputs(
+    case: OpCase, dtype: torch.dtype, layout: torch.memory_format, device: torch.device, seed: int = 0
+) -> OpInputs:
     """Random features and realistic offsets (a pixel or two, float32, in the features' memory format).
 
     Every sampling position stays inside its map, short of the last row and column, and at least
@@ -180,7 +184,9 @@ def check_agreement(
         checks[form] = targets, max(TOLERANCE[dtype], 3 * own_error)
     report = {}
     for provider, fn in fns.items():
-        comparable = dtype == torch.float32 and (case.op == "align_fa" or authors_formulation_is_exact(case.out_hw, case.src_hw))
+        comparable = dtype == torch.float32 and (
+            case.op == "align_fa" or authors_formulation_is_exact(case.out_hw, case.src_hw)
+        )
         if provider == "authors" and not comparable:
             why = "bf16 grid" if dtype != torch.float32 else "scale not a whole number"
             report[provider] = {"ok": None, "max_rel_err": None, "worst": "", "note": f"not comparable ({why})"}
@@ -224,7 +230,9 @@ def bench_config(
         return _bench_config(case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms, on_row)
 
 
-def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms, on_row=None) -> list[dict]:
+def _bench_config(
+    case, dtype_name, layout_name, providers, modes, compile_backend, copy_gbs, rep_ms, on_row=None
+) -> list[dict]:
     dtype, layout = DTYPES[dtype_name], LAYOUTS[layout_name]
     inputs = make_inputs(case, dtype, layout, common.device())
     torch._dynamo.reset()  # a fresh static compile per shape, and no recompile limit to run into
@@ -249,7 +257,9 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
                     "shape": case.shape_text,
                     "dtype": dtype_name,
                     "layout": layout_name,
-                    "provider": provider + (f"({compile_backend})" if provider == "compiled" and compile_backend != "inductor" else ""),
+                    "provider": provider + (
+                        f"({compile_backend})" if provider == "compiled" and compile_backend != "inductor" else ""
+                    ),
                     "mode": mode,
                     "ms": median,
                     "ms_p20": p20,
@@ -263,7 +273,9 @@ def _bench_config(case, dtype_name, layout_name, providers, modes, compile_backe
                     "peak_mib": peak_memory_mib(timed, inputs.args),
                     "agrees": check["ok"],
                     "max_rel_err": check["max_rel_err"],
-                    "check_note": check["note"] if check["ok"] is not False else f"{check['worst']} off: {check['note']}",
+                    "check_note": (
+                        check["note"] if check["ok"] is not False else f"{check['worst']} off: {check['note']}"
+                    ),
                 }
             )
             if on_row is not None:
@@ -313,10 +325,15 @@ def run_suite(
         )
         for row in config_rows:
             if row["agrees"] is False:
-                log(f"  DISAGREES: {row['provider']} {row['mode']}: {row['check_note']} (max rel err {row['max_rel_err']:.2e})")
+                log(
+                    f"  DISAGREES: {row['provider']} {row['mode']}: {row['check_note']} "
+                    f"(max rel err {row['max_rel_err']:.2e})"
+                )
         rows += config_rows
     if skipped:
-        log(f"ops: time budget of {budget_s:.0f} s spent; {len(skipped)} configurations not run (listed in the summary)")
+        log(
+            f"ops: time budget of {budget_s:.0f} s spent; {len(skipped)} configurations not run (listed in the summary)"
+        )
     return rows, skipped
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.shapes import MODES, flops, floor_time_us, min_bytes, model_cases, upsampled_map_bytes
+from bench.shapes import MODES, floor_time_us, flops, min_bytes, model_cases, upsampled_map_bytes
 
 H100_COPY_GBS = 3000.0  # device-to-device copy bandwidth measured on an H100 (bytes read + written)
 README = Path(__file__).resolve().parent / "README.md"
@@ -24,7 +24,8 @@ def roofline_markdown(bandwidth_gbs: float = H100_COPY_GBS) -> str:
         "The minimum bytes are those of the fused ops (align_fa exact and one-step alike: no upsampled map); "
         "+U MB bf16 is what the authors' chain moves on top for its stored upsampled map.",
         "",
-        "| setting | op stage | shape N x C x H x W <- h x w | mode | MB bf16 | MB fp32 | +U MB bf16 | GFLOP | FLOP/byte | floor us bf16 | floor us fp32 |",
+        "| setting | op stage | shape N x C x H x W <- h x w | mode | MB bf16 | MB fp32 | +U MB bf16 | GFLOP | "
+        "FLOP/byte | floor us bf16 | floor us fp32 |",
         "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for case in model_cases():
@@ -34,7 +35,8 @@ def roofline_markdown(bandwidth_gbs: float = H100_COPY_GBS) -> str:
             lines.append(
                 f"| {case.setting} | {case.op} {case.stage} | {case.shape_text} | {mode} | {b16 / 1e6:.1f} | "
                 f"{b32 / 1e6:.1f} | {upsampled_map_bytes(case, mode, 2) / 1e6:.1f} | {f / 1e9:.2f} | {f / b16:.2f} | "
-                f"{floor_time_us(case, mode, 2, bandwidth_gbs):.1f} | {floor_time_us(case, mode, 4, bandwidth_gbs):.1f} |"
+                f"{floor_time_us(case, mode, 2, bandwidth_gbs):.1f} | "
+                f"{floor_time_us(case, mode, 4, bandwidth_gbs):.1f} |"
             )
     return "\n".join(lines)
 
@@ -50,7 +52,9 @@ def write_readme(table: str, readme: Path = README) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bandwidth-gbs", type=float, default=H100_COPY_GBS, help="copy bandwidth for the floor (GB/s)")
+    parser.add_argument(
+        "--bandwidth-gbs", type=float, default=H100_COPY_GBS, help="copy bandwidth for the floor (GB/s)"
+    )
     parser.add_argument("--write", action="store_true", help=f"replace the table in {README.name}")
     args = parser.parse_args(argv)
     table = roofline_markdown(args.bandwidth_gbs)

@@ -25,8 +25,11 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import common  # first: sets TRITON_INTERPRET=1 without a GPU
-from bench import end_to_end, ops_bench
+from bench import (
+    common,  # first: sets TRITON_INTERPRET=1 without a GPU
+    end_to_end,
+    ops_bench,
+)
 from bench.common import HAS_GPU, SMOKE_BANNER, format_table, log
 from bench.shapes import MODES, SETTINGS, OpCase, model_cases, smoke_cases
 
@@ -64,7 +67,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-e2e", action="store_true", help="do not run the end-to-end benchmarks")
     parser.add_argument("--skip-cpu-paths", action="store_true",
                         help="smoke mode: do not time the ops' two eager CPU paths (bench.cpu_paths, ~30 s)")
-    parser.add_argument("--settings", nargs="+", choices=[s[0] for s in SETTINGS], help="GPU: only these image settings")
+    parser.add_argument(
+        "--settings", nargs="+", choices=[s[0] for s in SETTINGS], help="GPU: only these image settings"
+    )
     parser.add_argument("--dtypes", nargs="+", choices=list(ops_bench.DTYPES), help="only these dtypes")
     parser.add_argument("--layouts", nargs="+", choices=list(ops_bench.LAYOUTS), help="only these memory layouts")
     parser.add_argument("--providers", nargs="+", choices=ops_bench.PROVIDERS, default=list(ops_bench.PROVIDERS))
@@ -74,9 +79,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="torch.compile backend of the 'compiled' provider and variants (default: inductor on a GPU, "
         "aot_eager in smoke mode: Inductor's C++ compile takes ~30 s per shape on a small CPU)",
     )
-    parser.add_argument("--e2e-compile", action="store_true", help="smoke mode: also the compiled end-to-end variants (minutes on a CPU)")
+    parser.add_argument("--e2e-compile", action="store_true",
+                        help="smoke mode: also the compiled end-to-end variants (minutes on a CPU)")
     parser.add_argument("--ops-budget", type=float, default=300.0 if HAS_GPU else None,
-                        help="hard limit in seconds for the op suite, within the deadline (GPU default 300; 0: no limit)")
+                        help="hard limit in seconds for the op suite, within the deadline "
+                        "(GPU default 300; 0: no limit)")
     parser.add_argument("--e2e-budget", type=float, default=None,
                         help="hard limit in seconds for the end-to-end suite, within the deadline (default: the rest)")
     parser.add_argument("--rep-ms", type=float, default=50.0 if HAS_GPU else 0.0,
@@ -169,7 +176,10 @@ def _ops_worker(args: argparse.Namespace, compile_backend: str) -> int:
             compile_estimate = max(compile_estimate if i > 1 else 0.0, 1.5 * (time.perf_counter() - started))
         for row in rows:
             if row["agrees"] is False:
-                log(f"  DISAGREES: {row['provider']} {row['mode']}: {row['check_note']} (max rel err {row['max_rel_err']:.2e})")
+                log(
+                    f"  DISAGREES: {row['provider']} {row['mode']}: {row['check_note']} "
+                    f"(max rel err {row['max_rel_err']:.2e})"
+                )
     return 1 if failures else 0
 
 
@@ -234,7 +244,9 @@ def run_suites(args: argparse.Namespace, argv: list[str], paths: dict[str, Path]
             command += ["--until", f"{suite_until:.3f}"]
         log(f"{suite}: child process, hard limit "
             + (f"{suite_until - time.time():.0f} s" if math.isfinite(suite_until) else "none"))
-        status, killed = common.run_until(command, suite_until if math.isfinite(suite_until) else None, log_file=log_file)
+        status, killed = common.run_until(
+            command, suite_until if math.isfinite(suite_until) else None, log_file=log_file
+        )
         outcome[suite] = "cut at the deadline" if killed else ("done" if status == 0 else f"failed (exit {status})")
         log(f"{suite}: {outcome[suite]}")
     return outcome
@@ -260,7 +272,9 @@ def summarize(args: argparse.Namespace, paths: dict[str, Path], info: dict[str, 
         for case, d, lay in ops_plan(args):
             key = _config_key(case.op, case.label, d, lay)
             measured = {r["provider"].split("(")[0] for r in groups.get(key, [])}
-            if not measured and not any(_config_key(e["op"], e["case"], e["dtype"], e["layout"]) == key for e in op_errors):
+            if not measured and not any(
+                _config_key(e["op"], e["case"], e["dtype"], e["layout"]) == key for e in op_errors
+            ):
                 not_run.append(key)
             elif measured and "compiled" in args.providers and "compiled" not in measured:
                 not_run.append(f"{key}: compiled provider")
@@ -343,12 +357,19 @@ def main(argv: list[str] | None = None) -> int:
 
         args.out = Path(tempfile.mkdtemp(prefix="bench-"))
     paths = output_paths(args.out, info)
-    for path in [paths["summary"], *(common.with_suffix(paths[s], x) for s in ("ops", "e2e") for x in (".csv", ".jsonl"))]:
+    for path in [
+        paths["summary"], *(common.with_suffix(paths[s], x) for s in ("ops", "e2e") for x in (".csv", ".jsonl"))
+    ]:
         if path.exists():
             raise SystemExit(f"{path} already exists: choose another --out folder (results are never overwritten)")
     outcome = run_suites(args, argv, paths, until)
     summary = summarize(args, paths, info, outcome)
-    written = [p for s in ("ops", "e2e") for p in (common.with_suffix(paths[s], ".csv"), common.with_suffix(paths[s], ".jsonl")) if p.exists()]
+    written = [
+        p
+        for s in ("ops", "e2e")
+        for p in (common.with_suffix(paths[s], ".csv"), common.with_suffix(paths[s], ".jsonl"))
+        if p.exists()
+    ]
     if not args.no_write:
         paths["summary"].write_text(markdown_report(summary))
         written.append(paths["summary"])
@@ -362,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import cpu_paths
 
         table = cpu_paths.format_table(cpu_paths.time_cpu_paths(repeats=3))
-        print(f"\nThe ops' CPU paths (what `auto` runs without a GPU), best of 3, {torch.get_num_threads()} torch threads:")
+        print(
+            "\nThe ops' CPU paths (what `auto` runs without a GPU), best of 3, "
+            f"{torch.get_num_threads()} torch threads:"
+        )
         print(table)
         if not args.no_write:
             with paths["summary"].open("a") as f:
@@ -370,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{time.time() - start:.0f} s in all")
     failed = [k for k, v in outcome.items() if v.startswith("failed")]
     if summary["disagreements"]:
-        print(f"FAILED: {len(summary['disagreements'])} rows where a provider disagrees with the float64 reference (see 'all agree')")
+        print(
+            f"FAILED: {len(summary['disagreements'])} rows where a provider disagrees with the float64 reference "
+            "(see 'all agree')"
+        )
         return 1
     if failed or summary["errors"]:
         print(f"FAILED: errors in {', '.join(failed) or 'some configurations'} (listed above)")

@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
+from alignseg.ops import align_fa_reference
 from bench import common
 from bench.baselines import align_fa_authors, authors_formulation_is_exact
 from bench.ops_bench import KNOT_MARGIN, check_agreement, make_inputs
 from bench.roofline import README, roofline_markdown
 from bench.shapes import SETTINGS, OpCase, feature_sizes, min_bytes, smoke_cases
-from alignseg.ops import align_fa_reference
 
 pytestmark = pytest.mark.usefixtures("_reference_backend")
 
@@ -74,11 +74,14 @@ def test_min_bytes_counts_the_tensors_each_pass_touches(case, dtype):
 
 def test_authors_formulation_is_the_exact_form_and_the_one_step_form_only_on_whole_scales():
     # 13 -> 5 columns: (13 - 1) / (5 - 1) = 3 exactly; 13 -> 6: 12 / 5 is fractional.
-    exact, fractional = OpCase("align_fa", "t", "t", 2, 3, (9, 13), (5, 5)), OpCase("align_fa", "t", "t", 2, 3, (9, 13), (5, 6))
+    exact = OpCase("align_fa", "t", "t", 2, 3, (9, 13), (5, 5))
+    fractional = OpCase("align_fa", "t", "t", 2, 3, (9, 13), (5, 6))
     assert authors_formulation_is_exact(exact.out_hw, exact.src_hw)
     assert not authors_formulation_is_exact(fractional.out_hw, fractional.src_hw)
     for case, close in ((exact, True), (fractional, False)):
-        low, high, offsets = (a.detach() for a in make_inputs(case, torch.float32, torch.contiguous_format, torch.device("cpu")).args)
+        low, high, offsets = (
+            a.detach() for a in make_inputs(case, torch.float32, torch.contiguous_format, torch.device("cpu")).args
+        )
         authors = align_fa_authors(low, high, offsets)
         assert (authors - align_fa_reference(low, high, offsets)).abs().max().item() < 1e-5  # the default form
         error = (authors - align_fa_reference(low, high, offsets, upsample_first=False)).abs().max().item()
@@ -86,7 +89,12 @@ def test_authors_formulation_is_the_exact_form_and_the_one_step_form_only_on_who
 
 
 @pytest.mark.parametrize(
-    "case", [*smoke_cases(), OpCase("align_fa", "t", "t", 2, 3, (37, 53), (19, 14)), OpCase("align_cm", "t", "t", 1, 2, (28, 28), (3, 3))],
+    "case",
+    [
+        *smoke_cases(),
+        OpCase("align_fa", "t", "t", 2, 3, (37, 53), (19, 14)),
+        OpCase("align_cm", "t", "t", 1, 2, (28, 28), (3, 3)),
+    ],
     ids=lambda c: f"{c.op}-{c.out_hw}-{c.src_hw}",
 )
 def test_offsets_keep_positions_inside_the_maps_and_off_whole_pixels(case):

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from bench import common
-from bench.ops_bench import DTYPES, LAYOUTS, PROVIDERS, bench_config, check_agreement, make_inputs, provider_fn, timed_call
+from bench.ops_bench import (
+    DTYPES,
+    LAYOUTS,
+    PROVIDERS,
+    bench_config,
+    check_agreement,
+    make_inputs,
+    provider_fn,
+    timed_call,
+)
 from bench.run import SMOKE_CONFIGS
 from bench.shapes import model_cases, smoke_cases
 
@@ -31,7 +40,9 @@ def test_provider_agrees_with_float64_reference_then_time_it(benchmark, case, dt
     if provider == "authors" and dtype_name == "bf16":
         assert report["ok"] is None  # grid_sample rounds the positions to bf16: not the same math
     else:
-        assert report["ok"] is True, f"{provider}: {report['worst']} off by {report['max_rel_err']:.2e} ({report['note']})"
+        assert report["ok"] is True, (
+            f"{provider}: {report['worst']} off by {report['max_rel_err']:.2e} ({report['note']})"
+        )
 
     def clear_grads():
         for a in inputs.args:

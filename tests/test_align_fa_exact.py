@@ -118,6 +118,8 @@ def test_grid_sample_formulation_matches_the_reference(coarse, fine, upsample_fi
     inputs = make_inputs(coarse, fine, dtype=torch.float64)
     grad_output = torch.randn(2, 3, *fine, dtype=torch.float64)
     reference = values_and_grads(lambda *a: align_fa_reference(*a, upsample_first=upsample_first), inputs, grad_output)
-    by_grid_sample = values_and_grads(lambda *a: align_fa_grid_sample(*a, upsample_first=upsample_first), inputs, grad_output)
+    by_grid_sample = values_and_grads(
+        lambda *a: align_fa_grid_sample(*a, upsample_first=upsample_first), inputs, grad_output
+    )
     for r, g in zip(reference, by_grid_sample):
         torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)

@@ -33,7 +33,8 @@ from alignseg.ops import use_backend
 TOLERANCE = 1e-6  # max |ours - theirs| / max |theirs|, float64
 # The kernels run on CUDA when there is a GPU, else in Triton's interpreter on the CPU (conftest).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LEAKY = lambda: nn.LeakyReLU(0.01)
+def leaky_relu() -> nn.Module:
+    return nn.LeakyReLU(0.01)
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -159,7 +160,9 @@ def test_unknown_missing_and_misshaped_keys_are_named(authors_net, tmp_path):
     with pytest.raises(AuthorsCheckpointError, match=r"unknown key 'criterion\.weight'"):
         from_authors_checkpoint({**state, "criterion.weight": torch.zeros(1)})
     missing = {k: v for k, v in state.items() if k != "CAB3.delta_gen2.1.running_var"}
-    with pytest.raises(AuthorsCheckpointError, match=r"'CAB3\.delta_gen2\.1\.running_var' \(our 'align_fa2\.offset_low"):
+    with pytest.raises(
+        AuthorsCheckpointError, match=r"'CAB3\.delta_gen2\.1\.running_var' \(our 'align_fa2\.offset_low"
+    ):
         from_authors_checkpoint(missing)
     no_bias = {k: v for k, v in state.items() if k != "head.0.bias"}
     with pytest.raises(AuthorsCheckpointError, match=r"missing key 'head\.0\.bias'"):
@@ -220,8 +223,11 @@ def test_align_fa_authors_convention(backend, low_size, high_size, monkeypatch):
     low = torch.randn(2, channels, *low_size, generator=generator, dtype=torch.float64).to(DEVICE)
     high = torch.randn(2, channels, *high_size, generator=generator, dtype=torch.float64).to(DEVICE)
     forms = {}
-    for name, options in {"exact": {}, "literal": {"upsample_high_first": True}, "one_step": {"form": "one_step"}}.items():
-        module = AlignFA(channels, nn.BatchNorm2d, LEAKY, offset_convention="authors", **options).double().eval().to(DEVICE)
+    for name, options in {
+        "exact": {}, "literal": {"upsample_high_first": True}, "one_step": {"form": "one_step"}
+    }.items():
+        module = AlignFA(channels, nn.BatchNorm2d, leaky_relu, offset_convention="authors", **options)
+        module = module.double().eval().to(DEVICE)
         with torch.no_grad():
             _load_offset_head(cab.delta_gen1, module.offset_high)
             _load_offset_head(cab.delta_gen2, module.offset_low)
@@ -258,7 +264,9 @@ def test_align_cm_authors_convention(backend, size, monkeypatch):
     generator = torch.Generator().manual_seed(2)
     cam = CAM(10, 6).double().eval()
     _random_(cam, generator)
-    module = AlignCM(10, 6, nn.BatchNorm2d, LEAKY, pool_size=3, concat=True, offset_convention="authors").double().eval()
+    module = AlignCM(
+        10, 6, nn.BatchNorm2d, leaky_relu, pool_size=3, concat=True, offset_convention="authors"
+    ).double().eval()
     with torch.no_grad():
         for ours, theirs in ((module.context, cam.pool[1:]), (module.local, cam.adapt)):
             for block, (conv, abn) in zip(ours, ((theirs[0], theirs[1]), (theirs[2], theirs[3]))):
@@ -276,11 +284,11 @@ def test_align_cm_authors_convention(backend, size, monkeypatch):
 
 
 def test_authors_convention_needs_two_pixels_in_align_cm():
-    module = AlignCM(4, 4, nn.BatchNorm2d, LEAKY, offset_convention="authors").eval()
+    module = AlignCM(4, 4, nn.BatchNorm2d, leaky_relu, offset_convention="authors").eval()
     with pytest.raises(ValueError, match="at least 2 x 2"):
         module(torch.randn(1, 4, 1, 5))
     with pytest.raises(ValueError, match="offset_convention must be one of"):
-        AlignFA(4, nn.BatchNorm2d, LEAKY, offset_convention="normalised")
+        AlignFA(4, nn.BatchNorm2d, leaky_relu, offset_convention="normalised")
 
 
 def test_authors_warp_is_their_pre_fix_normaliser():
@@ -320,7 +328,9 @@ def test_convert_command_writes_a_checkpoint_that_eval_loads(tmp_path, capsys, c
     load_model_state(model, state)
     images = torch.randn(1, 3, 65, 97)
     with torch.no_grad():
-        assert relative_error(model.eval().double()(images.double()), authors_evaluate_whole(net.double(), images.double())) < 1e-5
+        assert relative_error(
+            model.eval().double()(images.double()), authors_evaluate_whole(net.double(), images.double())
+        ) < 1e-5
 
     capsys.readouterr()
     assert main(["convert", str(src), str(dst)]) == 2  # never overwrites

@@ -13,7 +13,9 @@ def test_presets_load_and_hold_the_documented_recipes():
     assert (city.optim.name, city.optim.lr, city.optim.poly_power, city.optim.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
     assert (city.train.iterations, city.loss.aux_weight, city.loss.name) == (120000, 0.1, "ce_lovasz")
     ade = load_config("ade20k")
-    assert (ade.data.num_classes, ade.data.crop_size, ade.data.batch_size, ade.train.iterations) == (150, (512, 512), 16, 160000)
+    assert (ade.data.num_classes, ade.data.crop_size, ade.data.batch_size, ade.train.iterations) == (
+        150, (512, 512), 16, 160000
+    )
     demo = load_config()
     assert demo.name == "synthetic" and demo.model.name == "alignseg_tiny" and demo.data.dataset == "synthetic"
 
@@ -21,7 +23,13 @@ def test_presets_load_and_hold_the_documented_recipes():
 def test_overrides_are_parsed_as_yaml_and_coerced_to_the_field_types():
     cfg = load_config(
         "synthetic",
-        ["train.iterations=12", "data.crop_size=[64, 96]", "optim.lr=1", "model.pretrained=null", "loss.options={min_kept: 5}"],
+        [
+            "train.iterations=12",
+            "data.crop_size=[64, 96]",
+            "optim.lr=1",
+            "model.pretrained=null",
+            "loss.options={min_kept: 5}",
+        ],
     )
     assert cfg.train.iterations == 12
     assert cfg.data.crop_size == (64, 96)

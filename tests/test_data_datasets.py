@@ -27,7 +27,8 @@ CITYSCAPES_TABLE = {
     "person": (24, 11), "rider": (25, 12), "car": (26, 13), "truck": (27, 14), "bus": (28, 15), "train": (31, 16),
     "motorcycle": (32, 17), "bicycle": (33, 18),
 }  # fmt: skip
-VOID_IDS = (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)  # unlabeled ... parking, rail track, polegroup, caravan, trailer
+# unlabeled ... parking, rail track, polegroup, caravan, trailer
+VOID_IDS = (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -39,7 +40,9 @@ def _photo(rng, h, w) -> np.ndarray:
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def write_cityscapes(root: Path, split: str, labels: dict[str, np.ndarray], train_ids: dict[str, np.ndarray] | None = None):
+def write_cityscapes(
+    root: Path, split: str, labels: dict[str, np.ndarray], train_ids: dict[str, np.ndarray] | None = None
+):
     """labels: {"city/stem": labelIds array}; train_ids: optional labelTrainIds files."""
     rng = np.random.default_rng(0)
     for key, ids in labels.items():
@@ -143,7 +146,9 @@ def test_folder_dataset_pairs_by_relative_path_and_checks_values(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p, _ in ds.files] == ["images/train/a/x.jpg", "images/train/y.jpg"]
     np.testing.assert_array_equal(ds[0][1].numpy(), [[0, 1], [2, 255]])
     assert ds.class_names == ("class_0", "class_1", "class_2")
-    too_few = FolderDataset(tmp_path / "images" / "train", tmp_path / "masks" / "train", ".jpg", "_mask.png", num_classes=2)
+    too_few = FolderDataset(
+        tmp_path / "images" / "train", tmp_path / "masks" / "train", ".jpg", "_mask.png", num_classes=2
+    )
     with pytest.raises(ValueError, match=r"x_mask\.png.*\[0, 2\).*: 2 "):
         too_few[0]
     with pytest.raises(FileNotFoundError, match="have no mask"):

@@ -32,7 +32,9 @@ def test_train_eval_predict_offsets_resume(tmp_path, capsys):
     checkpoint = run / "checkpoint_0000002.pt"
     assert checkpoint.is_file() and (run / "best.pt").is_file()
 
-    assert main(["eval", "--checkpoint", str(checkpoint), "--mode", "slide", "eval.tile=[48,48]", "eval.stride=[32,32]"]) == 0
+    assert main(
+        ["eval", "--checkpoint", str(checkpoint), "--mode", "slide", "eval.tile=[48,48]", "eval.stride=[32,32]"]
+    ) == 0
     table = capsys.readouterr().out
     assert "mode: slide" in table and "mIoU" in table and "road" in table
 

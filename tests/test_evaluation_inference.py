@@ -59,10 +59,10 @@ def test_slide_averages_overlapping_windows():
     # Windows by the documented rule: every stride, the last one flush with the border.
     tops, lefts = [0, 4], [0, 5, 7]
     total, count = np.zeros((10, 13)), np.zeros((10, 13))
-    for t in tops:
-        for l in lefts:
-            total[t : t + 6, l : l + 6] += x[0, 0, t : t + 6, l : l + 6].mean().item()
-            count[t : t + 6, l : l + 6] += 1
+    for top in tops:
+        for left in lefts:
+            total[top : top + 6, left : left + 6] += x[0, 0, top : top + 6, left : left + 6].mean().item()
+            count[top : top + 6, left : left + 6] += 1
     score = total / count
     expected = 1 / (1 + np.exp(-score))  # softmax of (score, 0), class 0
     prob = infer(WindowMean(), x, "slide", tile=tile, stride=stride)
@@ -166,7 +166,9 @@ def test_evaluate_constant_prediction_known_answer():
     labels = torch.stack(dataset.labels)
     valid = labels != 255
     counts = [int(((labels == c) & valid).sum()) for c in range(3)]
-    result = evaluate(Constant(), DataLoader(dataset, batch_size=1), 4, mode="multiscale", scales=(1.0, 0.5), progress=False)
+    result = evaluate(
+        Constant(), DataLoader(dataset, batch_size=1), 4, mode="multiscale", scales=(1.0, 0.5), progress=False
+    )
     # Predicting class 1 everywhere: IoU_1 = |gt 1| / |valid|, classes 0 and 2 get 0, class 3 is absent.
     assert result.iou[1] == pytest.approx(counts[1] / sum(counts))
     assert result.iou[0] == 0 and result.iou[2] == 0 and not result.present[3]
@@ -185,5 +187,7 @@ def test_evaluate_runs_the_real_network_on_synthetic_data(tmp_path):
 
     dataset = build_dataset("synthetic", tmp_path, "val", num_train=1, num_val=2, size=(32, 64), progress=False)
     model = build("alignseg_tiny", dataset.num_classes)
-    result = evaluate(model, DataLoader(dataset, batch_size=2), dataset.num_classes, mode="whole", flip=True, progress=False)
+    result = evaluate(
+        model, DataLoader(dataset, batch_size=2), dataset.num_classes, mode="whole", flip=True, progress=False
+    )
     assert 0 <= result.miou <= 1 and result.num_pixels == sum(int((dataset[i][1] != 255).sum()) for i in range(2))

@@ -26,7 +26,9 @@ def np_metrics(pred, target, num_classes, ignore=255):
         iou.append(tp / (tp + fp + fn) if present[-1] else math.nan)
     miou = np.mean([v for v, p in zip(iou, present) if p])
     accuracy = np.sum((pred == target) & valid) / np.sum(valid)
-    per_class_acc = [np.sum((pred == c) & (target == c)) / np.sum(target == c) for c in range(num_classes) if np.any(target == c)]
+    per_class_acc = [
+        np.sum((pred == c) & (target == c)) / np.sum(target == c) for c in range(num_classes) if np.any(target == c)
+    ]
     return miou, iou, present, accuracy, np.mean(per_class_acc)
 
 

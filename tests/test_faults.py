@@ -76,7 +76,9 @@ def _cli(*args, env_extra=None):
 def test_sigkill_at_a_random_iteration_then_resume_continues_exactly(tmp_path):
     seed = random.randrange(10**6)
     kill_after = random.Random(seed).randint(3, 5)  # train records seen; checkpoint 2 exists by record 3
-    settings = [*TINY, f"data.root={tmp_path / 'data'}", "train.iterations=6", "train.checkpoint_every=2", "train.keep_last=5"]
+    settings = [
+        *TINY, f"data.root={tmp_path / 'data'}", "train.iterations=6", "train.checkpoint_every=2", "train.keep_last=5"
+    ]
     make_synthetic_cityscapes(tmp_path / "data", num_train=4, num_val=1, size=(64, 96), progress=False)
     reference = _cli("train", *settings, f"train.run_dir={tmp_path / 'reference'}")
     killed = _cli("train", *settings, f"train.run_dir={tmp_path / 'run'}")
@@ -112,14 +114,18 @@ def test_sigkill_at_a_random_iteration_then_resume_continues_exactly(tmp_path):
 
 def test_resume_logs_the_same_averages_and_drops_records_after_the_checkpoint(tmp_path):
     # log_every=2 with a checkpoint at 3: the resumed run must finish the half-full averaging window.
-    full = load_config("synthetic", tiny_args(tmp_path, "full", "train.iterations=4", "train.log_every=2", "train.checkpoint_every=3"))
+    full = load_config(
+        "synthetic", tiny_args(tmp_path, "full", "train.iterations=4", "train.log_every=2", "train.checkpoint_every=3")
+    )
     Trainer(full).fit()
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
     (cut / "checkpoint_0000004.pt").unlink()
     with (cut / "metrics.jsonl").open("a") as handle:  # what a kill after iteration 4 could leave: a torn line
         handle.write('{"kind": "train", "iteration": 5, "lo')
-    cfg = load_config("synthetic", tiny_args(tmp_path, "cut", "train.iterations=4", "train.log_every=2", "train.checkpoint_every=3"))
+    cfg = load_config(
+        "synthetic", tiny_args(tmp_path, "cut", "train.iterations=4", "train.log_every=2", "train.checkpoint_every=3")
+    )
     Trainer(cfg, resume=cut / "checkpoint_0000003.pt").fit()
     assert _without_timing(read_metrics(cut)) == _without_timing(read_metrics(tmp_path / "full"))
 
@@ -264,7 +270,10 @@ def test_skip_policy_trains_past_a_corrupt_sample_and_names_it(tmp_path, synthet
     labels[2].write_bytes(b"not a png at all")
     cfg = load_config("synthetic", tiny_args(tmp_path, "run", "train.iterations=2", "data.on_corrupt=skip"))
     Trainer(cfg).fit()
-    assert f"skipping a corrupt sample (1 so far; data.on_corrupt=skip): cannot read label file {labels[2]}" in _said(capsys, caplog)
+    assert (
+        f"skipping a corrupt sample (1 so far; data.on_corrupt=skip): cannot read label file {labels[2]}"
+        in _said(capsys, caplog)
+    )
     assert load_checkpoint(tmp_path / "run")["iteration"] == 2
 
 
@@ -373,7 +382,9 @@ def test_predict_refuses_the_input_folder_as_output_and_writes_nothing(tmp_path)
     model = _CountingModel()
     with pytest.raises(ValueError, match="is the input folder"):
         predict_folder(model, tmp_path / "photos", tmp_path / "photos", progress=False)
-    with pytest.raises(ValueError, match=f"refusing to write {tmp_path / 'photos' / 'a.png'}: it is one of the input images"):
+    with pytest.raises(
+        ValueError, match=f"refusing to write {tmp_path / 'photos' / 'a.png'}: it is one of the input images"
+    ):
         predict_folder(model, tmp_path / "photos" / "a.png", tmp_path / "photos", progress=False)
     assert model.calls == 0 and _unchanged(inputs) and len(list((tmp_path / "photos").iterdir())) == 3
 
@@ -387,8 +398,13 @@ def test_predict_gives_colliding_names_their_own_outputs_and_skips_its_output_fo
     out = tmp_path / "photos" / "predictions"  # inside the input folder
     run = predict_folder(_CountingModel(), tmp_path / "photos", out, progress=False)
     names = sorted(p.name for pair in run.written for p in pair)
-    assert names == ["a.png", "a_overlay.jpg", "scene_jpg.png", "scene_jpg_overlay.jpg", "scene_png.png", "scene_png_overlay.jpg"]
-    assert np.asarray(Image.open(out / "scene_jpg.png"))[0].tolist() != np.asarray(Image.open(out / "scene_png.png"))[0].tolist()
+    assert names == [
+        "a.png", "a_overlay.jpg", "scene_jpg.png", "scene_jpg_overlay.jpg", "scene_png.png", "scene_png_overlay.jpg"
+    ]
+    assert (
+        np.asarray(Image.open(out / "scene_jpg.png"))[0].tolist()
+        != np.asarray(Image.open(out / "scene_png.png"))[0].tolist()
+    )
     # a second run reads only the three photos, not the predictions, and replaces only with --overwrite
     with pytest.raises(ValueError, match="6 output files exist already.*--overwrite"):
         predict_folder(_CountingModel(), tmp_path / "photos", out, progress=False)
@@ -413,7 +429,10 @@ def test_predict_reports_bad_images_by_name_and_goes_on(tmp_path, capsys, caplog
     (tmp_path / "photos" / "fake.png").write_text("not an image")
     _truncate(tmp_path / "photos" / "b.jpg", keep=0.6)
     checkpoint = _untrained_checkpoint(tmp_path)
-    code = main(["--backend", "reference", "predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")])
+    code = main(
+        ["--backend", "reference", "predict", "--checkpoint", str(checkpoint),
+         "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")]
+    )
     said = _said(capsys, caplog)
     assert code == 1
     assert "2 images done, 2 failed" in said
@@ -426,13 +445,24 @@ def test_predict_one_file_and_offsets_of_a_folder(tmp_path):
     _photos(tmp_path / "photos", names=("a.png", "b.jpg"))
     checkpoint = _untrained_checkpoint(tmp_path)
     base = ["--backend", "reference"]
-    assert main([*base, "predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos" / "a.png"), "--output", str(tmp_path / "one")]) == 0
+    assert main(
+        [*base, "predict", "--checkpoint", str(checkpoint),
+         "--input", str(tmp_path / "photos" / "a.png"), "--output", str(tmp_path / "one")]
+    ) == 0
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["a.png", "a_overlay.jpg"]
-    assert main([*base, "offsets", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "fields")]) == 0
+    assert main(
+        [*base, "offsets", "--checkpoint", str(checkpoint),
+         "--input", str(tmp_path / "photos"), "--output", str(tmp_path / "fields")]
+    ) == 0
     for name in ("a", "b"):
-        assert {"align_cm.png", "input.png", "offsets_legend.png"} <= {p.name for p in (tmp_path / "fields" / name).iterdir()}
+        assert {"align_cm.png", "input.png", "offsets_legend.png"} <= {
+            p.name for p in (tmp_path / "fields" / name).iterdir()
+        }
     # offsets beside the input images would write input.png there: refused
-    assert main([*base, "offsets", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "photos" / "a.png"), "--output", str(tmp_path / "photos")]) == 2
+    assert main(
+        [*base, "offsets", "--checkpoint", str(checkpoint),
+         "--input", str(tmp_path / "photos" / "a.png"), "--output", str(tmp_path / "photos")]
+    ) == 2
 
 
 def _untrained_checkpoint(tmp_path) -> Path:
@@ -440,7 +470,9 @@ def _untrained_checkpoint(tmp_path) -> Path:
     from alignseg.checkpoint import save_checkpoint
 
     cfg = load_config("synthetic", [f"data.root={tmp_path / 'data'}", *TINY])
-    return save_checkpoint(tmp_path / "tiny.pt", {"iteration": 0, "model": build_model(cfg).state_dict(), "config": cfg.to_dict()})
+    return save_checkpoint(
+        tmp_path / "tiny.pt", {"iteration": 0, "model": build_model(cfg).state_dict(), "config": cfg.to_dict()}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +485,9 @@ def test_the_slide_tile_follows_the_data_and_multiscale_can_run_whole():
 
     demo = build_inference_mode(**eval_setting(load_config("synthetic", ["eval.mode=slide"])))
     assert demo.tile == (128, 128)  # the demo's crop, not Cityscapes' 872
-    whole_scales = build_inference_mode(**eval_setting(load_config("synthetic", ["eval.mode=multiscale", "eval.tile=null"])))
+    whole_scales = build_inference_mode(
+        **eval_setting(load_config("synthetic", ["eval.mode=multiscale", "eval.tile=null"]))
+    )
     assert whole_scales.tile is None and len(whole_scales.scales) == 5
     cityscapes = build_inference_mode(**eval_setting(load_config("cityscapes", ["eval.mode=slide"])))
     assert cityscapes.tile == (872, 872) and cityscapes.stride == (582, 582)  # the authors' evaluate.py
@@ -462,7 +496,10 @@ def test_the_slide_tile_follows_the_data_and_multiscale_can_run_whole():
 def test_eval_writes_a_json_report_beside_the_checkpoint(tmp_path, capsys):
     make_synthetic_cityscapes(tmp_path / "data", num_train=4, num_val=1, size=(64, 96), progress=False)
     checkpoint = _untrained_checkpoint(tmp_path)
-    argv = ["--backend", "reference", "eval", "--checkpoint", str(checkpoint), "--mode", "multiscale", "eval.tile=null", "eval.scales=[0.5,1.0]"]
+    argv = [
+        "--backend", "reference", "eval", "--checkpoint", str(checkpoint),
+        "--mode", "multiscale", "eval.tile=null", "eval.scales=[0.5,1.0]",
+    ]
     assert main(argv) == 0
     report = json.loads((tmp_path / "tiny.eval-multiscale.json").read_text())
     assert report["inference"] == {

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from alignseg.models import AlignFA, ResNetBackbone, build, complexity, format_model_summary, list_models, load_backbone_weights
+from alignseg.models import (
+    AlignFA,
+    ResNetBackbone,
+    build,
+    complexity,
+    format_model_summary,
+    list_models,
+    load_backbone_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -58,7 +66,9 @@ def test_loading_a_torchvision_state_dict_reports_what_it_loaded(tmp_path):
     shape_keys = {"layer1.0.conv1.weight"}
     assert set(report.skipped) == stem_keys | shape_keys | {"fc.weight", "fc.bias"}
     assert all("7x7 stem is not the deep stem" in report.skipped[k] for k in stem_keys)
-    assert "shape [64, 64, 3, 3] does not match the backbone's [64, 128, 3, 3]" in report.skipped["layer1.0.conv1.weight"]
+    assert (
+        "shape [64, 64, 3, 3] does not match the backbone's [64, 128, 3, 3]" in report.skipped["layer1.0.conv1.weight"]
+    )
     assert "classifier" in report.skipped["fc.weight"]
     assert set(report.loaded) == set(state) - set(report.skipped)
     backbone_state = model.backbone.state_dict()
@@ -215,7 +225,9 @@ def test_loading_a_timm_resnet101s_state_dict_loads_every_backbone_tensor(tmp_pa
     assert "timm" in report.layout
     assert set(report.loaded) | set(report.skipped) == set(state)  # every key of the file accounted for
     assert set(report.skipped) == {"fc.weight", "fc.bias"} and report.missing == []
-    renamed = {"conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2", "conv1.6": "conv3", "bn1": "bn3"}
+    renamed = {
+        "conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2", "conv1.6": "conv3", "bn1": "bn3"
+    }
     own = backbone.state_dict()
     for theirs, ours in renamed.items():
         for suffix in ("weight",) + (("bias", "running_mean", "running_var") if "bn" in ours else ()):

@@ -19,7 +19,9 @@ def test_cityscapes_preset_is_the_released_recipe():
     assert (cfg.eval.mode, cfg.eval.tile, cfg.eval.stride, cfg.eval.scales, cfg.eval.flip) == (
         "slide", (872, 872), (582, 582), (1.0,), False)
     fast = load_config("cityscapes_fast")
-    assert (fast.data.crop_size, fast.train.iterations, fast.train.amp, fast.eval.tile) == ((769, 769), 40000, "bf16", (769, 769))
+    assert (fast.data.crop_size, fast.train.iterations, fast.train.amp, fast.eval.tile) == (
+        (769, 769), 40000, "bf16", (769, 769)
+    )
     assert fast.loss.name == "ce_lovasz" and fast.data.scale_step == 0.1
 
 

@@ -46,7 +46,9 @@ def _assert_same_tensors(a: dict, b: dict, what: str):
 def test_resume_gives_bit_identical_weights(tmp_path):
     # 3 iterations over 2 batches per epoch: the resume point (1) is mid-epoch, and the run crosses
     # into the next epoch, so the data order and augmentation seeds must be restored too.
-    cfg = tiny_config(tmp_path, "full", "train.iterations=3", "train.checkpoint_every=1", "train.log_every=1", "train.keep_last=3")
+    cfg = tiny_config(
+        tmp_path, "full", "train.iterations=3", "train.checkpoint_every=1", "train.log_every=1", "train.keep_last=3"
+    )
     Trainer(cfg).fit()
     resumed_cfg = tiny_config(tmp_path, "resumed", "train.iterations=3", "train.checkpoint_every=1")
     Trainer(resumed_cfg, resume=tmp_path / "full" / "checkpoint_0000001.pt").fit()
@@ -117,7 +119,9 @@ def test_non_finite_loss_skips_the_step_and_counts_it(tmp_path):
 def test_training_stops_after_too_many_non_finite_losses(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "diverged", "train.iterations=5", "train.max_nonfinite_steps=2"))
     _poison(trainer, calls={1, 2, 3, 4, 5})
-    with pytest.raises(NonFiniteLossError, match=r"iteration 2: the loss was not finite .* train.max_nonfinite_steps=2"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"iteration 2: the loss was not finite .* train.max_nonfinite_steps=2"
+    ):
         trainer.fit()
 
 

@@ -49,7 +49,11 @@ def test_scheduler_steps_the_optimiser_lr_per_iteration():
 
 
 def _state(model, iteration=3):
-    return {"iteration": iteration, "model": model.state_dict(), "config": {"model": {"name": "net"}, "data": {"num_classes": 2}}}
+    return {
+        "iteration": iteration,
+        "model": model.state_dict(),
+        "config": {"model": {"name": "net"}, "data": {"num_classes": 2}},
+    }
 
 
 def test_checkpoint_round_trip_and_unwrapped_keys(tmp_path):
@@ -97,7 +101,9 @@ def test_bad_checkpoints_fail_with_the_file_named(tmp_path):
     ]:
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(path)
-    with pytest.raises(CheckpointError, match=r"good.pt does not match the model .*net with 2 classes.*wrong shape: weight"):
+    with pytest.raises(
+        CheckpointError, match=r"good.pt does not match the model .*net with 2 classes.*wrong shape: weight"
+    ):
         load_model_state(nn.Linear(2, 3), load_checkpoint(good))
 
 

@@ -76,7 +76,9 @@ def test_flow_default_scale_is_the_longest_offset_and_legend_is_a_wheel():
     field[0, 0, 0] = 3.0  # the longest: full saturation
     field[1, 2, 3] = -1.5
     picture = np.asarray(flow_to_color(field))
-    assert picture.shape == (3, 4, 3) and tuple(picture[0, 0]) == (255, 0, 0) and tuple(picture[1, 1]) == (255, 255, 255)
+    assert (
+        picture.shape == (3, 4, 3) and tuple(picture[0, 0]) == (255, 0, 0) and tuple(picture[1, 1]) == (255, 255, 255)
+    )
     legend = np.asarray(flow_legend(33))
     assert tuple(legend[16, 16]) == (255, 255, 255) and tuple(legend[16, 32]) == (255, 0, 0)
     with pytest.raises(ValueError, match=r"\[2, H, W\]"):

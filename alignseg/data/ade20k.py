@@ -52,5 +52,7 @@ class ADE20KDataset(SegmentationDataset):
 
     def map_label(self, raw: np.ndarray, label_path: Path) -> np.ndarray:
         raw = raw.astype(np.int64)
-        report_bad_values(label_path, raw, (raw < 0) | (raw > self.num_classes), f"the ADE20K values 0..{self.num_classes}")
+        report_bad_values(
+            label_path, raw, (raw < 0) | (raw > self.num_classes), f"the ADE20K values 0..{self.num_classes}"
+        )
         return ade20k_to_train_ids(raw)

@@ -16,14 +16,15 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .metainfo import IGNORE_INDEX, DatasetMeta
 from .images import DataFileError, read_label_array, read_rgb_image
+from .metainfo import IGNORE_INDEX, DatasetMeta
 
 PairTransform = Callable[[Image.Image, Image.Image], tuple[Tensor, Tensor]]
 
 
 def report_bad_values(path: str | Path, raw: np.ndarray, bad: np.ndarray, expected: str) -> None:
-    """Raise :class:`DataFileError` (a ``ValueError``) naming ``path`` and the distinct values of ``raw`` where ``bad`` is set."""
+    """Raise :class:`DataFileError` (a ``ValueError``) naming ``path`` and the distinct values of ``raw`` where
+    ``bad`` is set."""
     if not bad.any():
         return
     values = np.unique(raw[bad])
@@ -44,7 +45,8 @@ class SegmentationDataset(Dataset):
     """Base class: ``files`` is a list of ``(image_path, label_path)``; items are ``(image, label)`` tensors.
 
     Subclasses set ``meta`` (their :class:`~alignseg.data.metainfo.DatasetMeta`), ``num_classes``,
-    ``class_names``, ``files`` and override :meth:`map_label` (raw label array -> train ids, 255 = ignore). ``transform`` takes ``(PIL image, PIL label)`` and returns
+    ``class_names``, ``files`` and override :meth:`map_label` (raw label array -> train ids, 255 = ignore).
+    ``transform`` takes ``(PIL image, PIL label)`` and returns
     ``(Tensor[3, H, W] float32, Tensor[H, W] int64)``; ``None`` means :func:`build_eval_transform` with
     the ImageNet mean and std.
     """

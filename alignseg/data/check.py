@@ -40,7 +40,9 @@ class DatasetReport:
         if self.class_pixels is not None and self.class_pixels.sum():
             present = int((self.class_pixels[:-1] > 0).sum())
             ignored = self.class_pixels[-1] / self.class_pixels.sum()
-            lines.append(f"  classes present: {present} of {len(self.class_pixels) - 1}; ignored pixels {100 * ignored:.1f}%")
+            lines.append(
+                f"  classes present: {present} of {len(self.class_pixels) - 1}; ignored pixels {100 * ignored:.1f}%"
+            )
         lines += [f"  {problem}" for problem in self.problems]
         return "\n".join(lines)
 
@@ -89,7 +91,9 @@ class SkipCorrupt(Dataset):
             except DataFileError as err:
                 if candidate not in self.skipped:
                     self.skipped.add(candidate)
-                    log.warning("skipping a corrupt sample (%d so far; data.on_corrupt=skip): %s", len(self.skipped), err)
+                    log.warning(
+                        "skipping a corrupt sample (%d so far; data.on_corrupt=skip): %s", len(self.skipped), err
+                    )
         raise DataFileError(
             f"{self.max_tries} samples in a row from index {index} could not be read (data.on_corrupt=skip); "
             f"run `alignseg check-data` on this dataset"

@@ -43,5 +43,8 @@ class FolderDataset(SegmentationDataset):
             (files if mask_path.is_file() else missing).append((image_path, mask_path))
         if missing:
             raise FileNotFoundError(f"{len(missing)} images under {self.image_dir} have no mask, e.g. {missing[0][1]}")
-        where = f"{self.image_dir} (images *{image_suffix}; set data.options.image_suffix for another ending, e.g. .png)"
+        where = (
+            f"{self.image_dir} (images *{image_suffix}; "
+            "set data.options.image_suffix for another ending, e.g. .png)"
+        )
         super().__init__(files, transform, where=where)

@@ -58,7 +58,9 @@ def to_rgb(image: Image.Image, path: str | Path = "<image>", say: bool = False) 
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            raise DataFileError(f"image file {path}: mode {image.mode} with values outside 0..65535 is not a picture alignseg reads")
+            raise DataFileError(
+                f"image file {path}: mode {image.mode} with values outside 0..65535 is not a picture alignseg reads"
+            )
         grey = np.round(values / 257).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     raise DataFileError(

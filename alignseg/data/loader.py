@@ -48,7 +48,8 @@ def build_loader(
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     if train and len(dataset) < batch_size and (drop_last is None or drop_last):
         raise ValueError(
-            f"the training set has {len(dataset)} images, fewer than batch_size={batch_size}: every batch would be dropped"
+            f"the training set has {len(dataset)} images, fewer than batch_size={batch_size}: "
+            "every batch would be dropped"
         )
     return DataLoader(
         dataset,

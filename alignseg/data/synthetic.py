@@ -48,9 +48,9 @@ def _draw_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
 
     # Objects are drawn inside their bounding box only: the whole image is touched a few times, not per object.
     def box(top, bottom, left, right):
-        t, b = max(int(np.floor(top)), 0), min(int(np.ceil(bottom)), height)
-        l, r = max(int(np.floor(left)), 0), min(int(np.ceil(right)), width)
-        return (slice(t, max(t, b)), slice(l, max(l, r)))
+        y0, y1 = max(int(np.floor(top)), 0), min(int(np.ceil(bottom)), height)
+        x0, x1 = max(int(np.floor(left)), 0), min(int(np.ceil(right)), width)
+        return (slice(y0, max(y0, y1)), slice(x0, max(x0, x1)))
 
     def paint(where, mask, label_id, colour) -> None:
         label[where][mask] = label_id
@@ -58,7 +58,8 @@ def _draw_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
 
     horizon = rng.uniform(0.38, 0.52) * height
     # Sky: vertical blue gradient with a per-image tint.
-    sky_top, sky_bottom = np.array([60, 110, 190]) + rng.uniform(-20, 20, 3), np.array([170, 200, 230]) + rng.uniform(-20, 20, 3)
+    sky_top = np.array([60, 110, 190]) + rng.uniform(-20, 20, 3)
+    sky_bottom = np.array([170, 200, 230]) + rng.uniform(-20, 20, 3)
     t = (rows / max(horizon, 1.0))[..., None]
     image[:] = sky_top * (1 - t) + sky_bottom * t
 
@@ -105,11 +106,15 @@ def _draw_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
         cx = centre + rng.uniform(-0.8, 0.8) * width * (0.04 + 0.4 * d)
         where = box(y_bottom - car_h, y_bottom, cx - car_w / 2, cx + car_w / 2)
         r, c = rows[where], cols[where]
-        colour = rng.choice([[200, 30, 30], [30, 50, 180], [230, 230, 230], [25, 25, 25], [120, 120, 130], [200, 180, 40]])
+        colour = rng.choice(
+            [[200, 30, 30], [30, 50, 180], [230, 230, 230], [25, 25, 25], [120, 120, 130], [200, 180, 40]]
+        )
         colour = np.asarray(colour, np.float32) + rng.uniform(-20, 20, 3)
         windows = (r < y_bottom - 0.6 * car_h) & (np.abs(c - cx) < 0.35 * car_w)
         wheels = (r > y_bottom - 0.2 * car_h) & (np.abs(np.abs(c - cx) - 0.3 * car_w) < 0.1 * car_w)
-        paint(where, np.ones_like(r, bool), CAR, colour - 0.7 * colour * (windows | wheels)[..., None] + 5 * grain[where])
+        paint(
+            where, np.ones_like(r, bool), CAR, colour - 0.7 * colour * (windows | wheels)[..., None] + 5 * grain[where]
+        )
 
     # People on the sidewalks: narrow figures with a head and clothing of a random colour.
     for _ in range(rng.integers(0, 5)):

@@ -91,9 +91,13 @@ def build_inference_mode(
     tile_hw = stride_hw = None
     if tile is not None:
         tile_hw = _size_pair(tile, "tile")
-        stride_hw = _size_pair(stride, "stride") if stride is not None else tuple(max(1, math.ceil(t * 2 / 3)) for t in tile_hw)
+        stride_hw = (
+            _size_pair(stride, "stride") if stride is not None else tuple(max(1, math.ceil(t * 2 / 3)) for t in tile_hw)
+        )
         if stride_hw[0] > tile_hw[0] or stride_hw[1] > tile_hw[1]:
-            raise ValueError(f"stride {stride_hw} must not exceed tile {tile_hw}: pixels between windows would get no prediction")
+            raise ValueError(
+                f"stride {stride_hw} must not exceed tile {tile_hw}: pixels between windows would get no prediction"
+            )
     scale_tuple = (1.0,)
     if mode == "multiscale":
         scale_tuple = tuple(float(s) for s in (DEFAULT_SCALES if scales is None else scales))
@@ -162,7 +166,9 @@ def infer(model: nn.Module, images: Tensor, mode: InferenceMode | str = "whole",
                 scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
             for flipped in (False, True) if setting.flip else (False,):
                 x = scaled.flip(-1) if flipped else scaled
-                logits = slide_logits(model, x, setting.tile, setting.stride) if setting.tile else forward_logits(model, x)
+                logits = (
+                    slide_logits(model, x, setting.tile, setting.stride) if setting.tile else forward_logits(model, x)
+                )
                 if flipped:
                     logits = logits.flip(-1)
                 if logits.shape[-2:] != (height, width):

@@ -122,7 +122,8 @@ class ConfusionMatrix:
             )
         if pred.is_floating_point() or target.is_floating_point():
             raise TypeError(
-                f"pred and target must hold integer class ids, got {pred.dtype} and {target.dtype} (argmax the logits first)"
+                f"pred and target must hold integer class ids, got {pred.dtype} and {target.dtype} "
+                "(argmax the logits first)"
             )
         pred, target = pred.reshape(-1).long(), target.reshape(-1).long().to(pred.device)
         valid = target != self.ignore_index
@@ -148,7 +149,9 @@ class ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge a {other.num_classes}-class matrix into a {self.num_classes}-class one")
         if other.matrix is not None:
-            self.matrix = other.matrix.clone() if self.matrix is None else self.matrix + other.matrix.to(self.matrix.device)
+            self.matrix = (
+                other.matrix.clone() if self.matrix is None else self.matrix + other.matrix.to(self.matrix.device)
+            )
         return self
 
     def all_reduce(self, device: torch.device | str | None = None) -> ConfusionMatrix:
@@ -160,7 +163,9 @@ class ConfusionMatrix:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
         if device is None:
-            device = self.matrix.device if self.matrix is not None else ("cuda" if dist.get_backend() == "nccl" else "cpu")
+            device = (
+                self.matrix.device if self.matrix is not None else ("cuda" if dist.get_backend() == "nccl" else "cpu")
+            )
         matrix = self._zeros(device) if self.matrix is None else self.matrix.to(device)
         dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
         self.matrix = matrix

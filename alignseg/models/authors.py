@@ -253,7 +253,9 @@ def _candidate_authors_keys(target: str):
         yield target.removeprefix("backbone.")
         return
     param = target.rpartition(".")[2]
-    modules = [f"RRB{k}{s}" for k in range(1, 6) for s in "ab"] + [f"CAB{k}" for k in range(2, 6)] + ["CAM", "head", "dsn"]
+    modules = (
+        [f"RRB{k}{s}" for k in range(1, 6) for s in "ab"] + [f"CAB{k}" for k in range(2, 6)] + ["CAM", "head", "dsn"]
+    )
     inners = (list(_RRB_INNER) + [f"delta_gen{i}.{j}" for i in ("", "1", "2") for j in _OFFSET_INNER]
               + [f"pool.{i}" for i in "1234"] + [f"adapt.{i}" for i in "0123"] + list(_HEAD_INNER))
     for module in modules:
@@ -284,7 +286,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, num_class
 
     options = {k: arch[k] for k in ("depth", "backbone_width", "decoder_channels", "in_channels")}
     options.update(AUTHORS_MODEL_OPTIONS)
-    overrides = [f"model.name={name if name in PRESETS else 'alignseg_r101'}", f"data.num_classes={arch['num_classes']}"]
+    overrides = [
+        f"model.name={name if name in PRESETS else 'alignseg_r101'}",
+        f"data.num_classes={arch['num_classes']}",
+    ]
     cfg = load_config(config, overrides)
     cfg.model.options = {**cfg.model.options, **options}
     cfg.model.pretrained = None

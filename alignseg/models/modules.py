@@ -73,7 +73,9 @@ def match_dtype(features: Tensor, source: Tensor, offsets: Tensor) -> tuple[Tens
 class ConvNormAct(nn.Sequential):
     """Convolution (no bias: a norm follows), normalisation, activation."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm_layer: NormLayer, act_layer: ActLayer):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, norm_layer: NormLayer, act_layer: ActLayer
+    ):
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
             norm_layer(out_channels),
@@ -189,7 +191,9 @@ class AlignFA(nn.Module):
         if form not in ALIGN_FA_FORMS:
             raise ValueError(f"form must be one of {ALIGN_FA_FORMS}, got {form!r}")
         if upsample_high_first and form != "exact":
-            raise ValueError(f"upsample_high_first=True computes the authors' (exact) form; it cannot use form={form!r}")
+            raise ValueError(
+                f"upsample_high_first=True computes the authors' (exact) form; it cannot use form={form!r}"
+            )
         hidden = channels if hidden is None else hidden
         self.upsample_high_first = upsample_high_first
         self.form = form
@@ -239,7 +243,8 @@ class AlignCM(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer,
-                 pool_size: int = 3, hidden: int | None = None, concat: bool = False, offset_convention: str = "pixels"):
+                 pool_size: int = 3, hidden: int | None = None, concat: bool = False,
+                 offset_convention: str = "pixels"):
         super().__init__()
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"pool_size must be a positive int, got {pool_size!r}")
@@ -281,7 +286,9 @@ class AlignCM(nn.Module):
 class SegHead(nn.Sequential):
     """3x3 conv + norm + act + Dropout2d + 1x1 conv to class scores (main and auxiliary heads)."""
 
-    def __init__(self, in_channels: int, num_classes: int, norm_layer: NormLayer, act_layer: ActLayer, dropout: float = 0.1):
+    def __init__(
+        self, in_channels: int, num_classes: int, norm_layer: NormLayer, act_layer: ActLayer, dropout: float = 0.1
+    ):
         super().__init__(
             ConvNormAct(in_channels, in_channels, 3, norm_layer, act_layer),
             nn.Dropout2d(dropout),

@@ -86,7 +86,8 @@ class AlignSeg(nn.Module):
         self.config: dict[str, Any] = dict(
             num_classes=num_classes, depth=depth, backbone_width=backbone_width,
             decoder_channels=decoder_channels, context_pool_size=context_pool_size,
-            upsample_high_first=upsample_high_first, align_fa_form=align_fa_form, upsample_eval_output=upsample_eval_output,
+            upsample_high_first=upsample_high_first, align_fa_form=align_fa_form,
+            upsample_eval_output=upsample_eval_output,
             dropout=dropout, act=act, norm_layer=norm_layer, in_channels=in_channels,
             offset_convention=offset_convention,
         )

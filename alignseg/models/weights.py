@@ -81,7 +81,9 @@ def load_backbone_weights(model_or_backbone: nn.Module, path: str | os.PathLike)
     elif isinstance(model_or_backbone, ResNetBackbone):
         backbone = model_or_backbone
     else:
-        raise TypeError(f"model_or_backbone must be an AlignSeg or a ResNetBackbone, got {type(model_or_backbone).__name__}")
+        raise TypeError(
+            f"model_or_backbone must be an AlignSeg or a ResNetBackbone, got {type(model_or_backbone).__name__}"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path must name an existing checkpoint file, got {os.fspath(path)!r}")
 

@@ -92,7 +92,10 @@ class MetricsLog:
             from ..checkpoint import write_text_atomic
 
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-            log.info("%s: dropped %d records written after iteration %d (the run stopped after them)", self.path, dropped, iteration)
+            log.info(
+                "%s: dropped %d records written after iteration %d (the run stopped after them)",
+                self.path, dropped, iteration,
+            )
 
     def write(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
         record = {"kind": kind, "iteration": iteration, "time": round(time.time(), 3), **json_safe(values)}

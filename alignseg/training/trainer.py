@@ -208,7 +208,9 @@ class Trainer:
                         "epoch": self.iteration // self.batches_per_epoch,
                         "nonfinite_steps": self.nonfinite_steps,
                     }
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}"
+                    )
                     if self.metrics is not None:
                         self.metrics.write("train", self.iteration, record)
                     self.window_loss, self.window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -225,7 +227,9 @@ class Trainer:
                 except NonFiniteWeightsError as err:
                     log.error("interrupted at iteration %d; nothing saved: %s", self.iteration, err)
                 else:
-                    log.warning("interrupted at iteration %d; resume with: alignseg train --resume %s", self.iteration, path)
+                    log.warning(
+                        "interrupted at iteration %d; resume with: alignseg train --resume %s", self.iteration, path
+                    )
             raise
         finally:
             bar.close()
@@ -251,7 +255,9 @@ class Trainer:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
         )
         if self._buffers:
             torch._foreach_copy_(self._buffer_backup, self._buffers)
@@ -299,7 +305,11 @@ class Trainer:
         tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
         if not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
             return
-        names = [n for n, t in unwrap_model(self.model).state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        names = [
+            n
+            for n, t in unwrap_model(self.model).state_dict().items()
+            if t.is_floating_point() and not t.isfinite().all()
+        ]
         raise NonFiniteWeightsError(
             f"stopping at iteration {self.iteration}: {len(names)} weight tensors hold NaN or infinite values "
             f"(e.g. {', '.join(names[:3])}); no checkpoint of them was saved. The last checkpoints in {self.run_dir} "
@@ -349,7 +359,11 @@ class Trainer:
             "input": self.convention.to_dict(),
             "best_miou": self.best_miou if math.isfinite(self.best_miou) else None,
             "nonfinite_steps": self.nonfinite_steps,
-            "data": {"world_size": self.ctx.world_size, "per_rank_batch": self.per_rank_batch, "seed": self.cfg.train.seed},
+            "data": {
+                "world_size": self.ctx.world_size,
+                "per_rank_batch": self.per_rank_batch,
+                "seed": self.cfg.train.seed,
+            },
             "metrics": self.last_eval,
             "log_window": {"loss_sum": self.window_loss, "steps": self.window_steps},
             "torch_version": str(torch.__version__),
@@ -375,7 +389,8 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
         except (KeyError, ValueError, RuntimeError) as err:
             raise CheckpointError(
-                f"checkpoint {path}: the optimiser state does not fit this config (optim.name={self.cfg.optim.name}): {err}"
+                f"checkpoint {path}: the optimiser state does not fit this config "
+                f"(optim.name={self.cfg.optim.name}): {err}"
             ) from err
         self.iteration = int(state["iteration"])
         self.best_miou = state.get("best_miou") if state.get("best_miou") is not None else -math.inf
@@ -446,7 +461,11 @@ def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir {run_dir} is a file, not a folder")
     if run_dir.is_dir():
-        taken = sorted(p.name for p in run_dir.iterdir() if p.name in ("config.yaml", "metrics.jsonl", "best.pt") or p.suffix == ".pt")
+        taken = sorted(
+            p.name
+            for p in run_dir.iterdir()
+            if p.name in ("config.yaml", "metrics.jsonl", "best.pt") or p.suffix == ".pt"
+        )
         if taken:
             raise ConfigError(
                 f"train.run_dir {run_dir} already holds a run ({', '.join(taken[:3])}); continue it with "
