@@ -5,9 +5,9 @@ triton reads registers and local memory (spills) from the cubin. The kernels mus
 functions, so the report runs in subprocesses with ``TRITON_INTERPRET=0`` (this process imported them under
 the interpreter), one per arch, side by side on CI's two cores.
 
-The matrix: 11 kernels (the forward and backward of each op and form, and the deterministic backward's
-gathers and context reduction) x {fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes
-x 2 archs = 704 compiles. The interpreter does not specialise, so this is the only test that sees the code Triton's JIT
+The matrix: 13 kernels (the forward and backward of each op and form, the align_fa backward without its
+scatter, and the deterministic backward's gathers and context reduction) x {fp32, fp16, bf16, fp64} x
+{channels_last, contiguous} x 4 argument shapes x 2 archs = 832 compiles. The interpreter does not specialise, so this is the only test that sees the code Triton's JIT
 builds for each case. The shapes (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code:
 Triton turns an integer argument equal to 1 into a constant and marks one divisible by 16, per argument.
 
@@ -20,8 +20,8 @@ Triton turns an integer argument equal to 1 into a constant and marks one divisi
 * ``column``: Hx1 maps (W = w = 1 constants) with C = 3 and a 2x2 context.
 
 The full cross product is affordable, so nothing is sampled: about 0.6 s of CPU a compile with triton 3.9 and a
-fresh cache (704 compiles: 7.2 min of CPU, 8.8 min wall on a 2-core machine loaded by other jobs, so about
-3.6 min on two idle cores, the two archs side by side). The report needs triton >= 3.3.
+fresh cache (measured with 704 of these compiles: 7.2 min of CPU, 8.8 min wall on a 2-core machine loaded by
+other jobs); the 832 take about 8.5 min of CPU, about 4.3 min on two idle cores with the two archs side by side. The report needs triton >= 3.3.
 
 The deterministic backward's kernels (GATHER_KERNELS) are compiled in the same matrix; where their tiles
 (``GATHER_CONFIGS`` in alignseg/kernels/align_fa_gather.py) still spill, the second test is an expected failure
@@ -39,7 +39,7 @@ from alignseg.kernels.report import MIN_TRITON, SHAPES, SPILLED
 from alignseg.ops.backend import triton_available
 
 KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step", "align_fa_backward_one_step",
-           "align_cm_forward", "align_cm_backward"}
+           "align_fa_backward_offsets", "align_fa_backward_offsets_one_step", "align_cm_forward", "align_cm_backward"}
 # The deterministic backward's kernels (alignseg/kernels/align_fa_gather.py, the context reduction of align_cm).
 GATHER_KERNELS = {"align_cm_reduce_context", "gather_warp", "gather_upsample", "align_fa_gather", "align_fa_gather_one_step"}
 DTYPES = ("float32", "float16", "bfloat16", "float64")

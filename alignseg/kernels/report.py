@@ -80,6 +80,10 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
         ("align_fa_backward", plan_align_fa_backward(grad, low, high, fa_offsets)[0]),
         ("align_fa_forward_one_step", plan_align_fa_forward(low, high, fa_offsets, upsample_first=False)[0]),
         ("align_fa_backward_one_step", plan_align_fa_backward(grad, low, high, fa_offsets, upsample_first=False)[0]),
+        # The gather path's per-pixel backward: the offsets' gradient only (no scatter).
+        ("align_fa_backward_offsets", plan_align_fa_backward(grad, low, high, fa_offsets, scatter_sources=False)[0]),
+        ("align_fa_backward_offsets_one_step",
+         plan_align_fa_backward(grad, low, high, fa_offsets, upsample_first=False, scatter_sources=False)[0]),
         ("align_cm_forward", plan_align_cm_forward(context, cm_offsets, low)[0]),
         ("align_cm_backward", plan_align_cm_backward(grad, context, cm_offsets)[0]),
         ("align_cm_reduce_context", plan_reduce_context_partials(partial, context)[0]),
