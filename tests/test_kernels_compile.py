@@ -5,8 +5,9 @@ triton reads registers and local memory (spills) from the cubin. The kernels mus
 functions, so the report runs in subprocesses with ``TRITON_INTERPRET=0`` (this process imported them under
 the interpreter), one per arch, side by side on CI's two cores.
 
-The matrix: 4 kernels x {fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes x 2 archs
-= 256 compiles. The interpreter does not specialise, so this is the only test that sees the code Triton's JIT
+The matrix: 13 kernels (the forward and backward of each op and form, the align_fa backward without its
+scatter, and the deterministic backward's gathers and context reduction) x {fp32, fp16, bf16, fp64} x
+{channels_last, contiguous} x 4 argument shapes x 2 archs = 832 compiles. The interpreter does not specialise, so this is the only test that sees the code Triton's JIT
 builds for each case. The shapes (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code:
 Triton turns an integer argument equal to 1 into a constant and marks one divisible by 16, per argument.
 
@@ -14,11 +15,17 @@ Triton turns an integer argument equal to 1 into a constant and marks one divisi
 * ``ones``: N = C = 1 and 1x1 maps and context: every size and stride is the constant 1 (the fp64 scale
   failed to compile here), and channels_last with C = 1 takes the contiguous block sizes.
 * ``row``: 1xW maps (H = h = 1 constants, W, w odd) with C = 20: sizes and channels_last strides not
-  divisible by 16, the widest register use (fp64 reaches ~250 registers at sm_90 on triton 3.9).
+  divisible by 16 (so channels_last takes the contiguous configs), the widest register use (fp64: up to 254
+  registers on triton 3.9).
 * ``column``: Hx1 maps (W = w = 1 constants) with C = 3 and a 2x2 context.
 
-The full cross product is affordable: ~0.4 s a compile, ~1-2 min per arch on a loaded 2-core machine
-(measured with triton 3.9, fresh cache), so nothing is sampled. The report needs triton >= 3.3.
+The full cross product is affordable, so nothing is sampled: about 0.6 s of CPU a compile with triton 3.9 and a
+fresh cache (measured with 704 of these compiles: 7.2 min of CPU, 8.8 min wall on a 2-core machine loaded by
+other jobs); the 832 take about 8.5 min of CPU, about 4.3 min on two idle cores with the two archs side by side. The report needs triton >= 3.3.
+
+The deterministic backward's kernels (GATHER_KERNELS) are compiled in the same matrix; where their tiles
+(``GATHER_CONFIGS`` in alignseg/kernels/align_fa_gather.py) still spill, the second test is an expected failure
+until they are tuned.
 """
 
 import json
@@ -32,7 +39,9 @@ from alignseg.kernels.report import MIN_TRITON, SHAPES, SPILLED
 from alignseg.ops.backend import triton_available
 
 KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step", "align_fa_backward_one_step",
-           "align_cm_forward", "align_cm_backward"}
+           "align_fa_backward_offsets", "align_fa_backward_offsets_one_step", "align_cm_forward", "align_cm_backward"}
+# The deterministic backward's kernels (alignseg/kernels/align_fa_gather.py, the context reduction of align_cm).
+GATHER_KERNELS = {"align_cm_reduce_context", "gather_warp", "gather_upsample", "align_fa_gather", "align_fa_gather_one_step"}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 LAYOUTS = ("channels_last", "contiguous")
 ARCHS = (80, 90)
@@ -58,7 +67,9 @@ def start_report(arch: int) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_every_kernel_dtype_layout_and_edge_shape_compiles_for_sm80_and_sm90_without_spills():
+@pytest.fixture(scope="module")
+def compiled_rows() -> list[dict]:
+    """The report's rows for every kernel at both archs (one subprocess per arch, side by side)."""
     jobs = {arch: start_report(arch) for arch in ARCHS}
     rows, failures = [], []
     for arch, job in jobs.items():
@@ -69,8 +80,23 @@ def test_every_kernel_dtype_layout_and_edge_shape_compiles_for_sm80_and_sm90_wit
         rows += json.loads(stdout.strip().splitlines()[-1])
     assert not failures, "compile errors:\n" + "\n".join(failures)
     compiled = {(r["kernel"], r["shape"], r["arch"], r["dtype"], r["layout"]) for r in rows}
-    expected = {(k, s, a, d, lay) for k in KERNELS for s in SHAPES for a in ARCHS for d in DTYPES for lay in LAYOUTS}
+    expected = {(k, s, a, d, lay) for k in KERNELS | GATHER_KERNELS for s in SHAPES for a in ARCHS for d in DTYPES
+                for lay in LAYOUTS}
     assert compiled == expected
-    spilled = [r for r in rows if r["local_bytes"] or r["stack_bytes"]]
-    assert not spilled, f"register spills: {spilled}"
-    assert all(0 < r["registers"] <= 255 for r in rows)
+    return rows
+
+
+def spills(rows: list[dict], kernels: set[str]) -> list[dict]:
+    return [r for r in rows if r["kernel"] in kernels and (r["local_bytes"] or r["stack_bytes"])]
+
+
+def test_every_kernel_dtype_layout_and_edge_shape_compiles_for_sm80_and_sm90_without_spills(compiled_rows):
+    assert not spills(compiled_rows, KERNELS), f"register spills: {spills(compiled_rows, KERNELS)}"
+    assert all(0 < r["registers"] <= 255 for r in compiled_rows)
+
+
+@pytest.mark.xfail(reason="GATHER_CONFIGS (alignseg/kernels/align_fa_gather.py) still spill in some cases: fp64 "
+                          "channels_last align_fa_gather at 255 registers, and 8-24 B stacks at 40-128 registers "
+                          "(triton 3.9's --regAllocOptLevel=2) in edge shapes; tuning them is open", strict=False)
+def test_deterministic_backward_kernels_compile_without_spills(compiled_rows):
+    assert not spills(compiled_rows, GATHER_KERNELS), f"register spills: {spills(compiled_rows, GATHER_KERNELS)}"

@@ -103,11 +103,13 @@ def align_fa_forward_kernel(
 # all channels, so one program owns a block of pixels and loops over channel blocks, writing each
 # offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer
 # (UPSAMPLE_FIRST: src[t] is U(high) at a fine tap, and d out / d high scatters grad * w_t * u_k into
-# U's coarse taps k). Grid: (pixel blocks, N).
+# U's coarse taps k). SCATTER_SOURCES=False writes the offsets' gradient only (the source gradients
+# come from the gathers of align_fa_gather.py): the buffer pointers are then never touched.
+# Grid: (pixel blocks, N).
 @triton.jit
 def align_fa_backward_kernel(
-    grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics
-    grad_high_ptr,  # [N, C, h, w] ACC_DTYPE buffer, zero-filled, accumulated with atomics
+    grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
+    grad_high_ptr,  # [N, C, h, w] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
     grad_offsets_ptr,  # [N, 4, H, W] written once per pixel
     grad_ptr,  # [N, C, H, W] gradient of the output
     low_ptr,  # [N, C, H, W]
@@ -126,6 +128,7 @@ def align_fa_backward_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
+    SCATTER_SOURCES: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
@@ -161,16 +164,17 @@ def align_fa_backward_kernel(
             dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad,
                                                channels, high_stride_c, high_stride_h, high_stride_w,
                                                gh_stride_c, gh_stride_h, gh_stride_w,
-                                               hx0, hy0, hfx, hfy, H, W, sx_high, sy_high, h, w, mask_p, mask_c)
+                                               hx0, hy0, hfx, hfy, H, W, sx_high, sy_high, h, w, mask_p, mask_c,
+                                               SCATTER=SCATTER_SOURCES)
         else:
             dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad, channels,
                                      high_stride_c, high_stride_h, high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
-                                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=True)
+                                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
         high_dfx += dfx
         high_dfy += dfy
         dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n, grad, channels,
                                  low_stride_c, low_stride_h, low_stride_w, gl_stride_c, gl_stride_h, gl_stride_w,
-                                 lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER=True)
+                                 lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
         low_dfx += dfx
         low_dfy += dfy
 
@@ -236,28 +240,38 @@ def plan_align_fa_backward(
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
     upsample_first: bool = True,
+    scatter_sources: bool = True,
 ) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The backward launch and its outputs: zeroed fp32/fp64 buffers for low and high, and grad_offsets."""
+    """The backward launch and its outputs: zeroed fp32/fp64 buffers for low and high, and grad_offsets.
+
+    ``scatter_sources=False``: the launch writes grad_offsets only; the two buffers are then empty
+    placeholders (no zero fill), the source gradients being left to
+    :func:`alignseg.kernels.align_fa_gather.align_fa_backward_deterministic`.
+    """
     check_index_range("low", low)
     n, c, H, W = low.shape
     h, w = high.shape[-2:]
     acc_torch, acc_triton = accumulation_dtype(low.dtype)
-    grad_low = torch.zeros_like(low, dtype=acc_torch)
-    grad_high = torch.zeros_like(high, dtype=acc_torch)
+    if scatter_sources:
+        grad_low = torch.zeros_like(low, dtype=acc_torch)
+        grad_high = torch.zeros_like(high, dtype=acc_torch)
+    else:
+        grad_low = grad_high = torch.empty(0, dtype=acc_torch, device=low.device)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
     cfg = launch_config("align_fa_backward_exact" if upsample_first else "align_fa_backward", low, config)
+    buffer_strides = (*strides(grad_low), *strides(grad_high)) if scatter_sources else (0,) * 8
     launch = KernelLaunch(
         align_fa_backward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), n),
         args=(
             grad_low, grad_high, grad_offsets, grad, low, high, offsets,
-            *strides(grad_low), *strides(grad_high), *strides(grad_offsets), *strides(grad),
+            *buffer_strides, *strides(grad_offsets), *strides(grad),
             *strides(low), *strides(high), *strides(offsets),
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first)),
+                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=bool(scatter_sources)),
         num_warps=cfg.num_warps,
     )
     return launch, (grad_low, grad_high, grad_offsets)
@@ -277,3 +291,20 @@ def align_fa_backward(
                                                                           upsample_first)
     launch()
     return grad_low.to(low.dtype), grad_high.to(high.dtype), grad_offsets
+
+
+def align_fa_offsets_backward(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    offsets: torch.Tensor,
+    grad_offsets: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+    upsample_first: bool = True,
+) -> torch.Tensor:
+    """The gradient of ``offsets`` alone (the backward kernel with its source scatter off: no buffers, no
+    atomics), each offset gradient written once by the program that owns its pixel: deterministic."""
+    launch, (_, _, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config, upsample_first,
+                                                          scatter_sources=False)
+    launch()
+    return grad_offsets

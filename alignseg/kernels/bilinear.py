@@ -196,12 +196,13 @@ def upsampled_tap_gradients(
     x0, y0, fx, fy,
     H, W, scale_x, scale_y, h, w,
     mask_p, mask_c,
+    SCATTER: tl.constexpr,
 ):
     """Backward of :func:`upsampled_sample_tile` for one channel block, like :func:`tap_gradients`.
 
     Returns the per-pixel partial sums of grad * d(sample)/dfx and grad * d(sample)/dfy (the U values at
-    the taps times the derivatives of the warp weights) and scatters grad * (warp weight) * (upsample
-    weight) into the coarse taps with atomics.
+    the taps times the derivatives of the warp weights); with SCATTER it also scatters grad * (warp weight)
+    * (upsample weight) into the coarse taps with atomics.
     """
     dfx = tl.zeros((x0.shape[0],), dtype=fx.dtype)
     dfy = tl.zeros((x0.shape[0],), dtype=fx.dtype)
@@ -213,8 +214,9 @@ def upsampled_tap_gradients(
             grad_tap = tl.sum(grad * tap, axis=1)
             dfx += dwx * grad_tap
             dfy += dwy * grad_tap
-            scatter_tile(grad_src_ptr, grad * weight[:, None], channels, gstride_c, gstride_h, gstride_w,
-                         cx0, cy0, cfx, cfy, h, w, mask, mask_c)
+            if SCATTER:
+                scatter_tile(grad_src_ptr, grad * weight[:, None], channels, gstride_c, gstride_h, gstride_w,
+                             cx0, cy0, cfx, cfy, h, w, mask, mask_c)
     return dfx, dfy
 
 

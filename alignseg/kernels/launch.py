@@ -1,6 +1,7 @@
 """Block sizes and warp counts of every kernel launch, in one place for tuning.
 
-``GPU_CONFIGS`` (channels_last maps) and ``GPU_CONFIGS_CONTIGUOUS`` hold what real launches use; edit them (or pass ``config=`` to a launcher) to tune.
+``GPU_CONFIGS`` (channels_last maps with C a multiple of 16), ``GPU_CONFIGS_CONTIGUOUS`` (every other map) and
+their fp64 overrides hold what real launches use; edit them (or pass ``config=`` to a launcher) to tune.
 Under ``TRITON_INTERPRET=1`` each program instance costs milliseconds of Python, so the
 interpreter gets few, large blocks instead (same kernels, different constexprs).
 """
@@ -43,8 +44,24 @@ GPU_CONFIGS_CONTIGUOUS: dict[str, LaunchConfig] = {
     "align_fa_backward": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_fa_forward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
-    "align_cm_forward": LaunchConfig(block_p=64, max_block_c=32, num_warps=8),
+    # 32x32 on 4 warps: 64x32 on 8 warps spilled 28 B at 80 registers in fp16 at sm_90 (ptxas with triton 3.9's
+    # --regAllocOptLevel=2, its workaround for a ptxas 13 bug; without that option there is no spill).
+    "align_cm_forward": LaunchConfig(block_p=32, max_block_c=32, num_warps=4),
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=16, num_warps=4),
+}
+
+# fp64 takes two registers per tile element and per coordinate: where the tiles above spill in fp64 (at
+# sm_80/sm_90, triton 3.9), smaller ones. A hopeless demand is worse than it looks: ptxas then falls back
+# to 32 registers and a stack of several KB (align_fa_forward_exact, 64x64 fp64: 6.9 KB of spill stores).
+GPU_CONFIGS_FLOAT64: dict[str, LaunchConfig] = {
+    "align_fa_forward": LaunchConfig(block_p=64, max_block_c=32, num_warps=8),
+    "align_fa_backward": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    "align_fa_forward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
+    "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
+}
+GPU_CONFIGS_CONTIGUOUS_FLOAT64: dict[str, LaunchConfig] = {
+    "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=8, num_warps=8),
+    "align_cm_backward": LaunchConfig(block_p=16, max_block_c=16, num_warps=4),
 }
 
 INTERPRETER_CONFIG = LaunchConfig(block_p=1024, max_block_c=128, num_warps=1)
@@ -87,14 +104,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def vector_loads(features: torch.Tensor) -> bool:
+    """Whether the kernels read ``features`` as contiguous channel vectors: channels_last with C a multiple of 16.
+
+    Triton's JIT marks an integer argument divisible by 16; only then are the pixel strides of a channels_last
+    map (C, W * C) known to keep each pixel's channel vector aligned for vector loads. With any other C every
+    element is a scalar load with its own 64-bit address, which costs registers like the contiguous layout.
+    """
+    return features.stride(1) == 1 and features.shape[1] > 1 and features.shape[1] % 16 == 0
+
+
 def launch_config(kernel: str, features: torch.Tensor, config: LaunchConfig | None = None) -> LaunchConfig:
-    """``config`` if given, else the interpreter's, else the GPU one for the layout of ``features``."""
+    """``config`` if given, else the interpreter's, else the GPU one for the layout, channels and dtype of ``features``.
+
+    ``GPU_CONFIGS`` for vector loads (:func:`vector_loads`), else ``GPU_CONFIGS_CONTIGUOUS``; fp64 overrides
+    some of either (``GPU_CONFIGS_FLOAT64``, ``GPU_CONFIGS_CONTIGUOUS_FLOAT64``).
+    """
     if config is not None:
         return config
     if interpreting():
         return INTERPRETER_CONFIG
-    channels_last = features.stride(1) == 1 and features.shape[1] > 1
-    return (GPU_CONFIGS if channels_last else GPU_CONFIGS_CONTIGUOUS)[kernel]
+    vectorised = vector_loads(features)
+    table = GPU_CONFIGS if vectorised else GPU_CONFIGS_CONTIGUOUS
+    if features.dtype == torch.float64:
+        table = {**table, **(GPU_CONFIGS_FLOAT64 if vectorised else GPU_CONFIGS_CONTIGUOUS_FLOAT64)}
+    return table[kernel]
 
 
 def channel_block(channels: int, config: LaunchConfig, minimum: int = 1) -> int:

@@ -56,7 +56,8 @@ class KernelReport:
 
 def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[str, int] = EXAMPLE_SHAPE):
     """(name, KernelLaunch) for every kernel, planned over meta tensors of ``shape`` (keys of EXAMPLE_SHAPE)."""
-    from .align_cm import plan_align_cm_backward, plan_align_cm_forward
+    from . import align_fa_gather as gather
+    from .align_cm import plan_align_cm_backward, plan_align_cm_forward, plan_reduce_context_partials
     from .align_fa import plan_align_fa_backward, plan_align_fa_forward
 
     s = shape
@@ -69,14 +70,37 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
     grad = feature(s["out_h"], s["out_w"])
     fa_offsets = feature(s["out_h"], s["out_w"], 4, torch.float32)
     cm_offsets = feature(s["out_h"], s["out_w"], 2, torch.float32)
+    # The deterministic gathers, as deterministic mode launches them (window read on the device), and the plain
+    # upsample transpose (window from the sizes, on the host).
+    window = torch.empty(4, dtype=torch.int32, device="meta")
+    grad_low, grad_high = feature(s["out_h"], s["out_w"]), feature(s["coarse_h"], s["coarse_w"])
+    partial = plan_align_cm_backward(grad, context, cm_offsets)[1][0]
     return [
         ("align_fa_forward", plan_align_fa_forward(low, high, fa_offsets)[0]),
         ("align_fa_backward", plan_align_fa_backward(grad, low, high, fa_offsets)[0]),
         ("align_fa_forward_one_step", plan_align_fa_forward(low, high, fa_offsets, upsample_first=False)[0]),
         ("align_fa_backward_one_step", plan_align_fa_backward(grad, low, high, fa_offsets, upsample_first=False)[0]),
+        # The gather path's per-pixel backward: the offsets' gradient only (no scatter).
+        ("align_fa_backward_offsets", plan_align_fa_backward(grad, low, high, fa_offsets, scatter_sources=False)[0]),
+        ("align_fa_backward_offsets_one_step",
+         plan_align_fa_backward(grad, low, high, fa_offsets, upsample_first=False, scatter_sources=False)[0]),
         ("align_cm_forward", plan_align_cm_forward(context, cm_offsets, low)[0]),
         ("align_cm_backward", plan_align_cm_backward(grad, context, cm_offsets)[0]),
+        ("align_cm_reduce_context", plan_reduce_context_partials(partial, context)[0]),
+        ("gather_warp", gather.plan_gather(grad, fa_offsets[:, 2:4], grad_low, window, gather.DIRECT)),
+        ("gather_upsample", gather.plan_gather(grad, None, grad_high, (-2, 3, -2, 3), gather.DIRECT)),
+        ("align_fa_gather", gather.plan_align_fa_gather(grad, fa_offsets, grad_low, grad_high, window, window,
+                                                        gather.COMPOSITE)),
+        ("align_fa_gather_one_step", gather.plan_align_fa_gather(grad, fa_offsets, grad_low, grad_high, window, window,
+                                                                 gather.DIRECT)),
     ]
+
+
+def block_pixels(constexprs: dict) -> int:
+    """Pixels per program: BLOCK_P, a gather's TILE_H x TILE_W, or 1 (the context reduction: one cell)."""
+    if "BLOCK_P" in constexprs:
+        return constexprs["BLOCK_P"]
+    return constexprs.get("TILE_H", 1) * constexprs.get("TILE_W", 1)
 
 
 def specialization(value) -> tuple[str, object]:
@@ -178,7 +202,7 @@ def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_la
                             continue
                         registers, local_bytes, stack_bytes = cubin_usage(compiled.asm["cubin"])
                         rows.append(KernelReport(
-                            name, shape, arch, dtype, layout, launch.constexprs["BLOCK_P"], launch.constexprs["BLOCK_C"],
+                            name, shape, arch, dtype, layout, block_pixels(launch.constexprs), launch.constexprs["BLOCK_C"],
                             launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
                         ))
     return rows, errors

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import alert_nondeterministic, require_triton, select_backend
+from .backend import require_triton, select_backend
 from .sampling import (
     check_feature_map,
     check_offsets,
@@ -104,8 +104,8 @@ def _(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
 
 @torch.library.custom_op("alignseg::align_cm_backward", mutates_args=())
 def _align_cm_backward(grad: Tensor, context: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    # Deterministic (no atomics) on every path that deterministic mode can take: no alert.
     require_triton(context.device)
-    alert_nondeterministic("alignseg::align_cm_backward", context.device)
     from alignseg.kernels.align_cm import align_cm_backward
 
     return align_cm_backward(grad, context, offsets)

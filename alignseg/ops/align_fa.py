@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import alert_nondeterministic, require_triton, select_backend
+from .backend import alert_nondeterministic, get_backward, require_triton, select_backend
 from .sampling import (
     check_feature_map,
     check_offsets,
@@ -148,11 +148,24 @@ def _(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -
 def _align_fa_backward(
     grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    require_triton(low.device)
-    alert_nondeterministic("alignseg::align_fa_backward", low.device)
-    from alignseg.kernels.align_fa import align_fa_backward
+    """The gradients of (low, high, offsets), by the path of :func:`alignseg.ops.backend.get_backward`.
 
-    return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)
+    ``gather`` (default): the per-pixel kernel writes the offsets' gradient only and the gathers of
+    :mod:`alignseg.kernels.align_fa_gather` write the source gradients: no atomics, bitwise reproducible.
+    ``atomic``: one kernel, the source gradients scattered with atomic adds into zeroed fp32/fp64 buffers.
+    """
+    require_triton(low.device)
+    if get_backward() == "atomic":
+        alert_nondeterministic("alignseg::align_fa_backward", low.device)
+        from alignseg.kernels.align_fa import align_fa_backward
+
+        return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)
+    from alignseg.kernels.align_fa import align_fa_offsets_backward
+    from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
+
+    grad_offsets = align_fa_offsets_backward(grad, low, high, offsets, upsample_first=upsample_first)
+    grad_low, grad_high = align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=upsample_first)
+    return grad_low, grad_high, grad_offsets
 
 
 @_align_fa_backward.register_fake

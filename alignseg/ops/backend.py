@@ -12,9 +12,12 @@ The choice comes from the environment variable ``ALIGNSEG_BACKEND``, or from
 * ``reference``: the eager gather reference (:func:`alignseg.ops.sample_reference`), the test
   oracle: independent of ``grid_sample``, 5-10x slower on the CPU.
 
-The Triton backward accumulates with atomics, so it is not bit-reproducible on a GPU: with
-``torch.use_deterministic_algorithms(True)`` it warns or raises like PyTorch's own
-nondeterministic ops (:func:`alert_nondeterministic`).
+The Triton backward of ``align_fa`` has two paths, chosen by ``ALIGNSEG_BACKWARD`` or
+:func:`set_backward` / :func:`use_backward`: ``gather`` (default) computes the source gradients by the
+deterministic gathers of :mod:`alignseg.kernels.align_fa_gather`, ``atomic`` scatters them with atomic
+adds (not bit-reproducible on a GPU). ``align_cm``'s backward is deterministic on its own (no switch).
+Only a forced ``atomic`` path under ``torch.use_deterministic_algorithms(True)`` warns or raises, like
+PyTorch's own nondeterministic ops (:func:`alert_nondeterministic`).
 
 The decision is plain Python on values that do not change inside a compiled region, so
 ``torch.compile`` specialises on it without a graph break.
@@ -66,6 +69,45 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override = previous
+
+
+# The align_fa backward's source gradients: "gather" (deterministic, fewer bytes by the model of bench/README.md,
+# "Backward: bytes moved") or "atomic" (the per-pixel kernel scatters them with atomic adds).
+BACKWARD_PATHS = ("gather", "atomic")
+
+_backward_override: str | None = None
+
+
+def _check_backward_path(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKWARD_PATHS:
+        raise ValueError(f"backward path must be one of {BACKWARD_PATHS}, got {name!r}")
+    return name
+
+
+def get_backward() -> str:
+    """The align_fa backward path: the :func:`set_backward` override, else ``ALIGNSEG_BACKWARD`` (default "gather")."""
+    if _backward_override is not None:
+        return _backward_override
+    return _check_backward_path(os.environ.get("ALIGNSEG_BACKWARD", "gather"))
+
+
+def set_backward(name: str | None) -> None:
+    """Override ``ALIGNSEG_BACKWARD`` for this process (``"gather"`` or ``"atomic"``); ``None`` returns to the variable."""
+    global _backward_override
+    _backward_override = None if name is None else _check_backward_path(name)
+
+
+@contextlib.contextmanager
+def use_backward(name: str) -> Iterator[None]:
+    """Run a block with one align_fa backward path: ``with use_backward("atomic"): ...``."""
+    global _backward_override
+    previous = _backward_override
+    set_backward(name)
+    try:
+        yield
+    finally:
+        _backward_override = previous
 
 
 # Looked up once, without importing triton (slow, and optional): a plain module constant is also
@@ -123,16 +165,17 @@ NONDETERMINISTIC_DEVICE_TYPES = ("cuda",)
 def alert_nondeterministic(op: str, device: torch.device) -> None:
     """Raise, or warn under ``warn_only``, when deterministic algorithms are requested and ``op`` is not.
 
-    Follows ``torch.use_deterministic_algorithms(True, warn_only=...)`` like PyTorch's own ops (called by
-    the backward custom ops, which accumulate gradients with fp32/fp64 atomics on a GPU).
+    Follows ``torch.use_deterministic_algorithms(True, warn_only=...)`` like PyTorch's own ops. Called by a
+    backward custom op only when it is about to run an atomic path (``align_fa``'s with
+    ``ALIGNSEG_BACKWARD=atomic``), which accumulates gradients with fp32/fp64 atomics on a GPU.
     """
     if device.type not in NONDETERMINISTIC_DEVICE_TYPES or not torch.are_deterministic_algorithms_enabled():
         return
     message = (
-        f"{op} does not have a deterministic implementation on {device.type} (its Triton kernel accumulates "
-        "gradients with atomic adds), but you set 'torch.use_deterministic_algorithms(True)'. Use "
-        "ALIGNSEG_BACKEND=reference to run eager PyTorch ops instead (PyTorch then checks those), or "
-        "'torch.use_deterministic_algorithms(True, warn_only=True)' to only warn."
+        f"{op} does not have a deterministic implementation on {device.type} with the atomic backward path "
+        "(ALIGNSEG_BACKWARD=atomic or alignseg.ops.set_backward('atomic'): its Triton kernel accumulates "
+        "gradients with atomic adds), but you set 'torch.use_deterministic_algorithms(True)'. Use the default "
+        "'gather' path, or 'torch.use_deterministic_algorithms(True, warn_only=True)' to only warn."
     )
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(message, UserWarning, stacklevel=2)

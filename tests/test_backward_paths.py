@@ -1,0 +1,207 @@
+"""The align_fa custom op's backward paths: the deterministic gathers (default, and always under
+``torch.use_deterministic_algorithms(True)``) and the atomic scatter (``ALIGNSEG_BACKWARD=atomic``).
+
+Each test counts which kernels ran (so a passing comparison proves the intended path produced it) and
+compares the gradients with autograd through the eager reference in float64. Under the interpreter the
+gathers cost milliseconds per window step, so maps are small, C is tiny and offsets a pixel or two (plus
+dedicated NaN and huge offsets, which reach no cell and must not widen the window).
+"""
+
+import pytest
+import torch
+
+from alignseg.ops import align_cm, align_fa, align_fa_reference, get_backward, set_backward, use_backend, use_backward
+from alignseg.ops import backend as backend_module
+from alignseg.ops.backend import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+# (H, W, h, w): odd sizes, not multiples of any block; a 1-row map.
+SIZES = [(9, 7, 5, 4), (1, 8, 1, 3)]
+
+
+def needs_kernels(device: torch.device = torch.device("cpu")) -> None:
+    why_not = backend_module.triton_unavailable_reason(device)
+    if why_not:
+        pytest.skip(why_not)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.fixture
+def launches(monkeypatch) -> dict[str, int]:
+    """Count the backward launchers the custom op calls (it imports them from their modules on each call)."""
+    import alignseg.kernels.align_fa as fa_kernels
+    import alignseg.kernels.align_fa_gather as gather_kernels
+
+    counts: dict[str, int] = {}
+
+    def counting(module, name):
+        launch = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return launch(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    counting(fa_kernels, "align_fa_backward")  # the atomic path
+    counting(fa_kernels, "align_fa_offsets_backward")  # the gather path: offsets' gradient, no scatter
+    counting(gather_kernels, "align_fa_backward_deterministic")  # the gather path: source gradients
+    return counts
+
+
+GATHER_PATH = {"align_fa_offsets_backward": 1, "align_fa_backward_deterministic": 1}
+ATOMIC_PATH = {"align_fa_backward": 1}
+
+
+def make_inputs(H, W, h, w, dtype=torch.float32, layout=torch.contiguous_format, n=2, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, c, H, W, generator=g, dtype=dtype).contiguous(memory_format=layout)
+    high = torch.randn(n, c, h, w, generator=g, dtype=dtype).contiguous(memory_format=layout)
+    # Non-integer offsets of up to ~1.5 px, some leaving the map at the border.
+    offsets = (torch.randn(n, 4, H, W, generator=g, dtype=dtype) * 0.8 + 0.13).clamp(-1.5, 1.5)
+    grad = torch.randn(n, c, H, W, generator=g, dtype=dtype).contiguous(memory_format=layout)
+    return low, high, offsets, grad
+
+
+def gradients(low, high, offsets, grad, upsample_first, backend="triton"):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (low, high, offsets)]
+    if backend == "reference":
+        leaves = [t.detach().double().requires_grad_(True) for t in (low, high, offsets)]
+        out = align_fa_reference(*leaves, upsample_first=upsample_first)
+        out.backward(grad.double())
+    else:
+        with use_backend(backend):
+            align_fa(*leaves, upsample_first=upsample_first).backward(grad)
+    return [t.grad for t in leaves]
+
+
+def check_against_reference(low, high, offsets, grad, upsample_first, atol=2e-5):
+    result = gradients(low, high, offsets, grad, upsample_first)
+    reference = gradients(low, high, offsets, grad, upsample_first, "reference")
+    for name, r, ref, src in zip(("low", "high", "offsets"), result, reference, (low, high, offsets)):
+        assert r.dtype == src.dtype and r.shape == src.shape, name
+        assert torch.isfinite(r).all(), name
+        torch.testing.assert_close(r.double(), ref, atol=atol, rtol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    return result
+
+
+@pytest.mark.parametrize("upsample_first", [True, False])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("size", SIZES)
+def test_deterministic_mode_takes_the_gather_path_and_matches_the_reference(size, layout, upsample_first, launches,
+                                                                             deterministic_algorithms):
+    needs_kernels()
+    torch.use_deterministic_algorithms(True)
+    inputs = make_inputs(*size, layout=LAYOUTS[layout])
+    result = check_against_reference(*inputs, upsample_first)
+    assert launches == GATHER_PATH
+    assert result[0].is_contiguous(memory_format=LAYOUTS[layout]) and result[1].is_contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("upsample_first", [True, False])
+def test_default_path_is_the_gather_and_the_atomic_path_stays_available(upsample_first, launches, monkeypatch):
+    needs_kernels()
+    monkeypatch.delenv("ALIGNSEG_BACKWARD", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert get_backward() == "gather"
+    inputs = make_inputs(9, 7, 5, 4, layout=torch.channels_last)
+    gathered = check_against_reference(*inputs, upsample_first)
+    assert launches == GATHER_PATH
+    launches.clear()
+    with use_backward("atomic"):
+        atomic = check_against_reference(*inputs, upsample_first)
+    assert launches == ATOMIC_PATH
+    launches.clear()
+    monkeypatch.setenv("ALIGNSEG_BACKWARD", "atomic")  # the variable, and set_backward over it
+    check_against_reference(*inputs, upsample_first)
+    assert launches == ATOMIC_PATH
+    set_backward("gather")
+    try:
+        check_against_reference(*inputs, upsample_first)
+    finally:
+        set_backward(None)
+    assert launches == {**ATOMIC_PATH, **GATHER_PATH}
+    # The two paths sum in different orders: equal to rounding, not bitwise.
+    for a, b in zip(gathered, atomic):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_backward_path_names_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match="backward path must be one of"):
+        set_backward("scatter")
+    monkeypatch.setenv("ALIGNSEG_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="backward path must be one of"):
+        get_backward()
+
+
+@pytest.mark.parametrize("upsample_first", [True, False])
+def test_deterministic_mode_nan_and_huge_offsets(upsample_first, launches, deterministic_algorithms):
+    needs_kernels()
+    torch.use_deterministic_algorithms(True)
+    low, high, offsets, grad = make_inputs(9, 7, 5, 4, layout=torch.channels_last)
+    offsets[0, :, 2, 3] = float("nan")
+    offsets[1, 0, 4, 1] = 1e30
+    offsets[1, 3, 0, 0] = -float("inf")
+    offsets[0, 2, 5, 5] = 3e9
+    result = check_against_reference(low, high, offsets, grad, upsample_first)
+    assert launches == GATHER_PATH
+    assert torch.equal(result[2][0, :, 2, 3], torch.zeros(4))  # a NaN offset has no gradient
+
+
+@pytest.mark.parametrize("upsample_first", [True, False])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_deterministic_mode_gradcheck_float64(layout, upsample_first, launches, deterministic_algorithms):
+    needs_kernels()
+    torch.use_deterministic_algorithms(True)
+    low, high, offsets, _ = make_inputs(5, 6, 3, 4, dtype=torch.float64, layout=LAYOUTS[layout], n=1, c=2)
+    inputs = [t.detach().requires_grad_(True) for t in (low, high, offsets)]
+    with use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda a, b, o: align_fa(a, b, o, upsample_first=upsample_first), inputs,
+                                        eps=1e-6, atol=1e-7, fast_mode=True)
+    assert launches.keys() == GATHER_PATH.keys() and "align_fa_backward" not in launches
+
+
+def test_alert_fires_only_for_a_forced_atomic_path(monkeypatch, deterministic_algorithms):
+    needs_kernels()
+    # Pretend the interpreter's (sequential, so deterministic) atomics were a GPU's.
+    monkeypatch.setattr(backend_module, "NONDETERMINISTIC_DEVICE_TYPES", ("cpu",))
+    low, high, offsets, _ = make_inputs(5, 6, 3, 3, n=1, c=2)
+    leaves = [t.requires_grad_(True) for t in (low, high, offsets)]
+    torch.use_deterministic_algorithms(True)
+    with use_backend("triton"):
+        align_fa(*leaves).sum().backward()  # the default gather path: silent
+        align_cm(high, offsets[:, :2], low).sum().backward()  # deterministic on its own: silent
+        with use_backward("atomic"):
+            with pytest.raises(RuntimeError, match="align_fa_backward does not have a deterministic implementation"):
+                align_fa(*leaves).sum().backward()
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            with pytest.warns(UserWarning, match="ALIGNSEG_BACKWARD=atomic"):
+                align_fa(*leaves).sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upsample_first", [True, False])
+def test_cuda_backward_is_bitwise_reproducible_in_deterministic_mode(upsample_first, dtype, launches,
+                                                                      deterministic_algorithms):
+    needs_kernels(torch.device("cuda"))
+    torch.use_deterministic_algorithms(True)
+    low, high, offsets, grad = (t.cuda() for t in make_inputs(67, 45, 34, 23, dtype=dtype, layout=torch.channels_last,
+                                                               n=2, c=40))
+    offsets = offsets.float() * 2  # a few pixels, many taps landing on the same cells
+    runs = [gradients(low, high, offsets, grad, upsample_first) for _ in range(2)]
+    assert launches == {name: 2 for name in GATHER_PATH}
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    reference = gradients(low.float(), high.float(), offsets, grad.float(), upsample_first, "reference")
+    for r, ref in zip(runs[0], reference):
+        torch.testing.assert_close(r.double(), ref, atol=5e-2 * max(1.0, float(ref.abs().max())), rtol=2e-2)
