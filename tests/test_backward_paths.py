@@ -103,7 +103,8 @@ def test_deterministic_mode_takes_the_gather_path_and_matches_the_reference(size
     inputs = make_inputs(*size, layout=LAYOUTS[layout])
     result = check_against_reference(*inputs, upsample_first)
     assert launches == GATHER_PATH
-    assert result[0].is_contiguous(memory_format=LAYOUTS[layout]) and result[1].is_contiguous(memory_format=LAYOUTS[layout])
+    assert (result[0].is_contiguous(memory_format=LAYOUTS[layout])
+            and result[1].is_contiguous(memory_format=LAYOUTS[layout]))
 
 
 @pytest.mark.parametrize("upsample_first", [True, False])

@@ -33,7 +33,8 @@ def offsets_of(n, H, W, scale=1.0, limit=1.5, device="cpu"):
 
 
 def transpose_reference(grad, offsets2, src_hw, upsample_first=False):
-    """The gradient of the source of S(src, d) (or of W(U(src), d)) by autograd through the eager reference, in float64."""
+    """The gradient of the source of S(src, d) (or of W(U(src), d)) by autograd through the eager reference, in
+    float64."""
     n, c, H, W = grad.shape
     src = torch.zeros(n, c, *src_hw, dtype=torch.float64, requires_grad=True)
     if upsample_first:
@@ -68,7 +69,8 @@ def test_gather_transposes_match_autograd_fp32(size, layout):
     for name, result, reference in [
         ("warp", G.warp_transpose(grad, off), transpose_reference(grad, off, (H, W))),
         ("one-step", G.sample_transpose(grad, off, (h, w)), transpose_reference(grad, off, (h, w))),
-        ("upsample-then-warp", G.upsample_warp_transpose(grad, off, (h, w)), transpose_reference(grad, off, (h, w), True)),
+        ("upsample-then-warp", G.upsample_warp_transpose(grad, off, (h, w)),
+         transpose_reference(grad, off, (h, w), True)),
         ("upsample", G.upsample_transpose(grad, h, w), upsample_transpose_reference(grad, h, w)),
     ]:
         assert result.dtype == grad.dtype and result.shape[-2:] == reference.shape[-2:], name
@@ -104,7 +106,8 @@ def test_gather_offset_regimes(regime):
     window = tuple(G.gather_window_device(off, (H, W)).tolist())
     assert window_width(window) <= (20 if regime == "far-inside" else 8)
     check_close(G.warp_transpose(grad, off), transpose_reference(grad, off, (H, W)), torch.float32)
-    check_close(G.upsample_warp_transpose(grad, off, (h, w)), transpose_reference(grad, off, (h, w), True), torch.float32)
+    check_close(G.upsample_warp_transpose(grad, off, (h, w)), transpose_reference(grad, off, (h, w), True),
+                torch.float32)
 
 
 def window_width(window):
@@ -129,7 +132,8 @@ def test_fallback_scatter_path(monkeypatch):
     scatter = G.scatter_transpose
     monkeypatch.setattr(G, "scatter_transpose", lambda *a: calls.append(1) or scatter(*a))
     check_close(G.warp_transpose(grad, off, max_shift=-10), transpose_reference(grad, off, (H, W)), torch.float32)
-    check_close(G.sample_transpose(grad, off, (h, w), max_shift=-10), transpose_reference(grad, off, (h, w)), torch.float32)
+    check_close(G.sample_transpose(grad, off, (h, w), max_shift=-10), transpose_reference(grad, off, (h, w)),
+                torch.float32)
     check_close(G.upsample_warp_transpose(grad, off, (h, w), max_shift=-10),
                 transpose_reference(grad, off, (h, w), True), torch.float32)
     assert len(calls) == 3
@@ -227,7 +231,8 @@ def test_align_cm_deterministic_backward(context_size, blocks_per_program, monke
     seen = []
 
     def small_blocks(*args, **kwargs):
-        kwargs.update(config=LaunchConfig(block_p=16, max_block_c=16, num_warps=1), pixel_blocks_per_program=blocks_per_program)
+        kwargs.update(config=LaunchConfig(block_p=16, max_block_c=16, num_warps=1),
+                      pixel_blocks_per_program=blocks_per_program)
         seen.append(kwargs.get("scatter", False))
         return plan(*args, **kwargs)
 
@@ -253,7 +258,8 @@ def test_align_cm_large_context_far_offsets(monkeypatch):
 
     plan = kernels.plan_align_cm_backward
     seen = []
-    monkeypatch.setattr(kernels, "plan_align_cm_backward", lambda *a, **k: seen.append(k.get("scatter", False)) or plan(*a, **k))
+    monkeypatch.setattr(kernels, "plan_align_cm_backward",
+                        lambda *a, **k: seen.append(k.get("scatter", False)) or plan(*a, **k))
     monkeypatch.setattr(kernels, "MAX_GATHER_SHIFT", -20)
     n, c, H, W = 1, 3, 8, 9
     context, local, grad = torch.randn(n, c, 9, 9), torch.randn(n, c, H, W), torch.randn(n, c, H, W)
@@ -308,16 +314,20 @@ from alignseg.kernels.report import compile_launch, cubin_usage
 from alignseg.kernels import align_fa_gather as G
 from alignseg.kernels.align_cm import plan_align_cm_backward, plan_reduce_context_partials
 rows = []
-for dtype, fmt in ((torch.float32, torch.channels_last), (torch.bfloat16, torch.channels_last), (torch.float32, torch.contiguous_format)):
+for dtype, fmt in ((torch.float32, torch.channels_last), (torch.bfloat16, torch.channels_last),
+                   (torch.float32, torch.contiguous_format)):
     m = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta", memory_format=fmt)
     grad, high, offsets = m(8, 256, 219, 219), m(8, 256, 110, 110), m(8, 4, 219, 219, dt=torch.float32)
     window = torch.empty(4, dtype=torch.int32, device="meta")
     plans = [("gather_warp", G.plan_gather(grad, offsets[:, 2:4], m(8, 256, 219, 219), (-3, 2, -3, 2), G.DIRECT)),
              ("gather_upsample_warp", G.plan_gather(grad, offsets[:, 0:2], high, (-4, 5, -4, 5), G.COMPOSITE)),
              ("gather_upsample", G.plan_gather(grad, None, high, (-2, 3, -2, 3), G.DIRECT)),
-             ("fused_exact", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2), (-4, 5, -4, 5), G.COMPOSITE)),
-             ("fused_one_step", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2), (-4, 5, -4, 5), G.DIRECT)),
-             ("fused_exact_device_window", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, window, window, G.COMPOSITE))]
+             ("fused_exact", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2),
+                                                    (-4, 5, -4, 5), G.COMPOSITE)),
+             ("fused_one_step", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, (-3, 2, -3, 2),
+                                                       (-4, 5, -4, 5), G.DIRECT)),
+             ("fused_exact_device_window", G.plan_align_fa_gather(grad, offsets, m(8, 256, 219, 219), high, window,
+                                                                  window, G.COMPOSITE))]
     ctx = m(4, 256, 3, 3)
     launch, (partial, _) = plan_align_cm_backward(m(4, 256, 219, 219), ctx, m(4, 2, 219, 219, dt=torch.float32))
     plans += [("align_cm_backward", launch), ("reduce_context_partials", plan_reduce_context_partials(partial, ctx)[0])]

@@ -7,9 +7,10 @@ the interpreter), one per arch, side by side on CI's two cores.
 
 The matrix: 13 kernels (the forward and backward of each op and form, the align_fa backward without its
 scatter, and the deterministic backward's gathers and context reduction) x {fp32, fp16, bf16, fp64} x
-{channels_last, contiguous} x 4 argument shapes x 2 archs = 832 compiles. The interpreter does not specialise, so this is the only test that sees the code Triton's JIT
-builds for each case. The shapes (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code:
-Triton turns an integer argument equal to 1 into a constant and marks one divisible by 16, per argument.
+{channels_last, contiguous} x 4 argument shapes x 2 archs = 832 compiles. The interpreter does not specialise, so
+this is the only test that sees the code Triton's JIT builds for each case. The shapes
+(``alignseg.kernels.report.SHAPES``) are chosen by what changes that code: Triton turns an integer argument equal
+to 1 into a constant and marks one divisible by 16, per argument.
 
 * ``example``: the real decoder shape; every size and most strides divisible by 16 (vectorised loads).
 * ``ones``: N = C = 1 and 1x1 maps and context: every size and stride is the constant 1 (the fp64 scale
@@ -21,7 +22,8 @@ Triton turns an integer argument equal to 1 into a constant and marks one divisi
 
 The full cross product is affordable, so nothing is sampled: about 0.6 s of CPU a compile with triton 3.9 and a
 fresh cache (measured with 704 of these compiles: 7.2 min of CPU, 8.8 min wall on a 2-core machine loaded by
-other jobs); the 832 take about 8.5 min of CPU, about 4.3 min on two idle cores with the two archs side by side. The report needs triton >= 3.3.
+other jobs); the 832 take about 8.5 min of CPU, about 4.3 min on two idle cores with the two archs side by side.
+The report needs triton >= 3.3.
 
 The deterministic backward's kernels (GATHER_KERNELS) are compiled in the same matrix; where their tiles
 (``GATHER_CONFIGS`` in alignseg/kernels/align_fa_gather.py) still spill, the second test is an expected failure
@@ -41,7 +43,8 @@ from alignseg.ops.backend import triton_available
 KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step", "align_fa_backward_one_step",
            "align_fa_backward_offsets", "align_fa_backward_offsets_one_step", "align_cm_forward", "align_cm_backward"}
 # The deterministic backward's kernels (alignseg/kernels/align_fa_gather.py, the context reduction of align_cm).
-GATHER_KERNELS = {"align_cm_reduce_context", "gather_warp", "gather_upsample", "align_fa_gather", "align_fa_gather_one_step"}
+GATHER_KERNELS = {"align_cm_reduce_context", "gather_warp", "gather_upsample", "align_fa_gather",
+                  "align_fa_gather_one_step"}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 LAYOUTS = ("channels_last", "contiguous")
 ARCHS = (80, 90)
@@ -55,7 +58,8 @@ def _triton_version() -> tuple[int, ...]:
 
 pytestmark = [
     pytest.mark.skipif(not triton_available(), reason="needs triton"),
-    pytest.mark.skipif(triton_available() and _triton_version() < MIN_TRITON, reason="the kernel report needs triton >= 3.3"),
+    pytest.mark.skipif(triton_available() and _triton_version() < MIN_TRITON,
+                       reason="the kernel report needs triton >= 3.3"),
     pytest.mark.slow,
 ]
 

@@ -88,9 +88,11 @@ def test_no_kernel_multiplies_a_channel_stride_in_32_bits():
     # Structural: every multiple of a channel stride goes through channel_offset or an int64 channel vector.
     from alignseg.kernels import align_cm, align_fa, bilinear
 
-    allowed = re.compile(r"channels\[None, :\] \* \w*stride_c|channel_offset\(\w+, \w*stride_c\)|index \* tl\.cast\(stride_c")
+    allowed = re.compile(r"channels\[None, :\] \* \w*stride_c|channel_offset\(\w+, \w*stride_c\)"
+                         r"|index \* tl\.cast\(stride_c")
     for module in (align_fa, align_cm, bilinear):
         for number, line in enumerate(inspect.getsource(module).splitlines(), 1):
             code = re.sub(r"``.*?``", "", line.split("#")[0])  # docstrings quote code in double backquotes
             for product in re.findall(r"[\w\]\)]+ \* \w*stride_c\b|\w*stride_c \* \w+", code):
-                assert allowed.search(code), f"{module.__name__}:{number}: 32-bit product {product!r}: use channel_offset"
+                assert allowed.search(code), (f"{module.__name__}:{number}: 32-bit product {product!r}: "
+                                              "use channel_offset")

@@ -47,13 +47,15 @@ class Op:
         return [source, offsets, fine]
 
 
-FA = Op("align_fa", align_fa, align_fa_reference, 4, "alignseg::align_fa_forward", "alignseg::align_fa_backward", (True,))
+FA = Op("align_fa", align_fa, align_fa_reference, 4, "alignseg::align_fa_forward", "alignseg::align_fa_backward",
+        (True,))
 # The one-step variant (upsample_first=False): the same kernels with the other constexpr.
 FA_ONE_STEP = Op("align_fa_one_step", functools.partial(align_fa, upsample_first=False),
                  functools.partial(align_fa_reference, upsample_first=False), 4,
                  "alignseg::align_fa_forward", "alignseg::align_fa_backward", (False,))
 CM = Op("align_cm", align_cm, align_cm_reference, 2, "alignseg::align_cm_forward", "alignseg::align_cm_backward")
-OPS = [pytest.param(FA, id="align_fa"), pytest.param(FA_ONE_STEP, id="align_fa_one_step"), pytest.param(CM, id="align_cm")]
+OPS = [pytest.param(FA, id="align_fa"), pytest.param(FA_ONE_STEP, id="align_fa_one_step"),
+       pytest.param(CM, id="align_cm")]
 
 # (N, C, H, W, source h, w): odd sizes, coarse and equal-size sources, H = 1, W = 1, a 1x1 source,
 # C above the interpreter's channel block (two blocks), H*W above its pixel block.
@@ -84,7 +86,8 @@ def assert_matches_reference(op, inputs, atol=1e-5, rtol=1e-5, grad_atol=1e-4):
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
     assert out.stride() == ref_out.stride(), "the output must keep the memory format of low/local"
     for name, grad, ref_grad in zip(("first", "second", "third"), grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad, atol=grad_atol, rtol=rtol, msg=lambda m: f"gradient of the {name} input: {m}")
+        torch.testing.assert_close(grad, ref_grad, atol=grad_atol, rtol=rtol,
+                                   msg=lambda m: f"gradient of the {name} input: {m}")
     return out, grads
 
 

@@ -61,7 +61,8 @@ def test_reference_zero_offsets_is_interpolate(src_h, src_w, out_h, out_w):
     low = torch.randn(2, 3, out_h, out_w, dtype=torch.float64)
     high = torch.randn(2, 3, src_h, src_w, dtype=torch.float64)
     expected = F.interpolate(high, (out_h, out_w), mode="bilinear", align_corners=True) + low
-    torch.testing.assert_close(align_fa_reference(low, high, torch.zeros(2, 4, out_h, out_w, dtype=torch.float64)), expected)
+    torch.testing.assert_close(align_fa_reference(low, high, torch.zeros(2, 4, out_h, out_w, dtype=torch.float64)),
+                               expected)
 
 
 def test_reference_known_values():
@@ -97,9 +98,11 @@ def test_reference_non_finite_offsets_give_zero_and_no_gradient():
 def test_reference_gradcheck():
     d = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
     # Non-integer offsets: bilinear sampling has kinks at the grid points.
-    args = (d(2, 3, 5, 4).requires_grad_(), d(2, 3, 3, 2).requires_grad_(), (d(2, 4, 5, 4) * 1.5 + 0.3).requires_grad_())
+    args = (d(2, 3, 5, 4).requires_grad_(), d(2, 3, 3, 2).requires_grad_(),
+            (d(2, 4, 5, 4) * 1.5 + 0.3).requires_grad_())
     assert torch.autograd.gradcheck(align_fa_reference, args, fast_mode=True)
-    args = (d(2, 3, 3, 3).requires_grad_(), (d(2, 2, 5, 4) * 1.5 + 0.3).requires_grad_(), d(2, 3, 5, 4).requires_grad_())
+    args = (d(2, 3, 3, 3).requires_grad_(), (d(2, 2, 5, 4) * 1.5 + 0.3).requires_grad_(),
+            d(2, 3, 5, 4).requires_grad_())
     assert torch.autograd.gradcheck(align_cm_reference, args, fast_mode=True)
 
 
@@ -139,7 +142,8 @@ FA_BAD = [
     ("dtypes", dict(high=torch.randn(HIGH, dtype=torch.float64)), TypeError, "high must have low's dtype"),
     ("offset-channels", dict(offsets=torch.randn(2, 2, 6, 5)), ValueError, r"offsets must have shape \[2, 4, 6, 5\]"),
     ("offset-size", dict(offsets=torch.randn(2, 4, 5, 5)), ValueError, r"offsets must have shape \[2, 4, 6, 5\]"),
-    ("offset-dtype", dict(offsets=torch.randn(OFF4, dtype=torch.float64)), TypeError, "offsets must be float32 or the features' dtype"),
+    ("offset-dtype", dict(offsets=torch.randn(OFF4, dtype=torch.float64)), TypeError,
+     "offsets must be float32 or the features' dtype"),
     ("offset-integer", dict(offsets=torch.ones(OFF4, dtype=torch.int32)), TypeError, "offsets must be float32"),
     ("devices", dict(high=torch.randn(HIGH, device="meta")), ValueError, "all tensors must be on one device"),
     ("upsample-first", dict(upsample_first=1), TypeError, "upsample_first must be a bool, got int"),
@@ -148,8 +152,10 @@ FA_BAD = [
 CM_BAD = [
     ("rank", dict(context=torch.randn(2, 3, 9)), ValueError, "context must be a 4-D tensor"),
     ("integer", dict(local=torch.ones(LOW, dtype=torch.int32)), TypeError, "local must be a floating-point"),
-    ("channels", dict(context=torch.randn(2, 5, 3, 3)), ValueError, "context must have the batch size and channels of local"),
-    ("dtypes", dict(context=torch.randn(2, 3, 3, 3, dtype=torch.float16)), TypeError, "context must have local's dtype"),
+    ("channels", dict(context=torch.randn(2, 5, 3, 3)), ValueError,
+     "context must have the batch size and channels of local"),
+    ("dtypes", dict(context=torch.randn(2, 3, 3, 3, dtype=torch.float16)), TypeError,
+     "context must have local's dtype"),
     ("offset-channels", dict(offsets=torch.randn(2, 4, 6, 5)), ValueError, r"offsets must have shape \[2, 2, 6, 5\]"),
     ("offset-not-tensor", dict(offsets=None), TypeError, "offsets must be a torch.Tensor"),
     ("devices", dict(offsets=torch.randn(2, 2, 6, 5, device="meta")), ValueError, "all tensors must be on one device"),
@@ -201,7 +207,8 @@ def test_auto_uses_grid_sample_on_cpu_without_interpreter(monkeypatch):
     align_fa_module = importlib.import_module("alignseg.ops.align_fa")  # the attribute is the function
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     calls = []
-    monkeypatch.setitem(align_fa_module.EAGER_ALIGN_FA, "grid_sample", lambda *a: calls.append(a) or align_fa_reference(*a))
+    monkeypatch.setitem(align_fa_module.EAGER_ALIGN_FA, "grid_sample",
+                        lambda *a: calls.append(a) or align_fa_reference(*a))
     args = fa_args()
     with use_backend("auto"):
         out = align_fa(**args)

@@ -1,4 +1,5 @@
-"""Triton kernels of AlignSeg (``alignseg.kernels``: a plain subpackage, so a source checkout works with PYTHONPATH alone).
+"""Triton kernels of AlignSeg (``alignseg.kernels``: a plain subpackage, so a source checkout works with PYTHONPATH
+alone).
 
 * ``bilinear``: the sampling rule S as shared ``@triton.jit`` helpers (coordinates, taps, tiles).
 * ``align_fa`` / ``align_cm``: forward and backward kernels with their launchers.

@@ -84,9 +84,11 @@ def align_cm_forward_kernel(
     acc = sample_tile(context_ptr + n * ctx_stride_n, channels, ctx_stride_c, ctx_stride_h, ctx_stride_w,
                       x0, y0, fx, fy, k1, k2, mask_p, mask_c)
 
-    local_ptrs = local_ptr + n * loc_stride_n + (rows * loc_stride_h + cols * loc_stride_w)[:, None] + channels[None, :] * loc_stride_c
+    local_ptrs = (local_ptr + n * loc_stride_n + (rows * loc_stride_h + cols * loc_stride_w)[:, None]
+                  + channels[None, :] * loc_stride_c)
     acc += tl.load(local_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
-    out_ptrs = out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None] + channels[None, :] * out_stride_c
+    out_ptrs = (out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None]
+                + channels[None, :] * out_stride_c)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -148,8 +150,10 @@ def align_cm_backward_kernel(
         rows, cols, mask_p = output_pixels(block, H, W, BLOCK_P)
         shift_ptr = offsets_ptr + n * off_stride_n
         shift_at = rows * off_stride_h + cols * off_stride_w
-        x0, fx = source_coordinate(cols.to(ACC_DTYPE), load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx, k2)
-        y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy, k1)
+        x0, fx = source_coordinate(cols.to(ACC_DTYPE),
+                                   load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx, k2)
+        y0, fy = source_coordinate(rows.to(ACC_DTYPE),
+                                   load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy, k1)
         if REDUCE_CELLS:
             weights_t = tl.trans(cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS))
             # the slot's previous values were stored by other threads of this program
@@ -161,10 +165,12 @@ def align_cm_backward_kernel(
         for c_start in range(0, C, BLOCK_C):
             channels = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
             mask_c = channels < C
-            grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+            grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :],
+                           other=0.0)
             grad = grad.to(ACC_DTYPE)
             block_dfx, block_dfy = tap_gradients(context_at, scatter_at, grad, channels,
-                                                 ctx_stride_c, ctx_stride_h, ctx_stride_w, gc_stride_c, gc_stride_h, gc_stride_w,
+                                                 ctx_stride_c, ctx_stride_h, ctx_stride_w,
+                                                 gc_stride_c, gc_stride_h, gc_stride_w,
                                                  x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=SCATTER)
             dfx += block_dfx
             dfy += block_dfy
@@ -318,7 +324,8 @@ def plan_align_cm_backward(
 
 def plan_reduce_context_partials(partial: torch.Tensor, context: torch.Tensor,
                                  grad_context: torch.Tensor | None = None) -> tuple[KernelLaunch, torch.Tensor]:
-    """The launch that sums ``partial`` [N, programs, k1 * k2, C] over programs into a gradient shaped like ``context``."""
+    """The launch that sums ``partial`` [N, programs, k1 * k2, C] over programs into a gradient shaped like
+    ``context``."""
     n, programs, cells, c = partial.shape
     k1, k2 = context.shape[-2:]
     if grad_context is None:
@@ -358,7 +365,8 @@ def align_cm_backward(
     k1, k2 = context.shape[-2:]
     if reduced_cells(k1, k2):
         launch, (partial, grad_offsets) = plan_align_cm_backward(
-            grad, context, offsets, grad_offsets=grad_offsets, config=config, pixel_blocks_per_program=pixel_blocks_per_program)
+            grad, context, offsets, grad_offsets=grad_offsets, config=config,
+            pixel_blocks_per_program=pixel_blocks_per_program)
         launch()
         return reduce_context_partials(partial, context), grad_offsets
     window = gather_window_device(offsets, (k1, k2), DIRECT)
@@ -366,8 +374,8 @@ def align_cm_backward(
     if not window_stays_on_device(grad):  # deterministic mode or CUDA-graph capture: no host read
         window = tuple(window.tolist())  # one host read of four integers: gather or scatter?
         scatter = not window_fits(window, tuple(grad.shape[-2:]), (k1, k2), max_shift)
-    launch, (buffer, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets=grad_offsets, config=config,
-                                                         scatter=scatter)
+    launch, (buffer, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets=grad_offsets,
+                                                         config=config, scatter=scatter)
     launch()
     if scatter:
         return buffer.to(context.dtype), grad_offsets

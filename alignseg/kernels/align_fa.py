@@ -33,12 +33,12 @@ from .launch import (
     KernelLaunch,
     LaunchConfig,
     accumulation_dtype,
-    align_corners_scale as host_scale,
     channel_block,
     check_index_range,
     launch_config,
     strides,
 )
+from .launch import align_corners_scale as host_scale
 
 
 # out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low
@@ -95,7 +95,8 @@ def align_fa_forward_kernel(
     acc += sample_tile(low_ptr + n * low_stride_n, channels, low_stride_c, low_stride_h, low_stride_w,
                        x0, y0, fx, fy, H, W, mask_p, mask_c)
 
-    out_ptrs = out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None] + channels[None, :] * out_stride_c
+    out_ptrs = (out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None]
+                + channels[None, :] * out_stride_c)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
@@ -145,10 +146,14 @@ def align_fa_backward_kernel(
         sx_warp, sy_warp, warp_h, warp_w = sx_low, sy_low, H, W
     else:
         sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
-    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_warp, warp_w)
-    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_warp, warp_h)
-    lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE), sx_low, W)
-    ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy_low, H)
+    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sx_warp, warp_w)
+    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sy_warp, warp_h)
+    lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sx_low, W)
+    ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sy_low, H)
 
     grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
     high_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
@@ -304,7 +309,7 @@ def align_fa_offsets_backward(
 ) -> torch.Tensor:
     """The gradient of ``offsets`` alone (the backward kernel with its source scatter off: no buffers, no
     atomics), each offset gradient written once by the program that owns its pixel: deterministic."""
-    launch, (_, _, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config, upsample_first,
-                                                          scatter_sources=False)
+    launch, (_, _, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config,
+                                                          upsample_first, scatter_sources=False)
     launch()
     return grad_offsets

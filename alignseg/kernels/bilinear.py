@@ -92,7 +92,8 @@ def sample_tile(
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
             xx, yy, weight, _, _, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
-            ptrs = src_ptr + (yy.to(tl.int64) * stride_h + xx.to(tl.int64) * stride_w)[:, None] + channels[None, :] * stride_c
+            ptrs = (src_ptr + (yy.to(tl.int64) * stride_h + xx.to(tl.int64) * stride_w)[:, None]
+                    + channels[None, :] * stride_c)
             tap = tl.load(ptrs, mask=(inside & mask_p)[:, None] & mask_c[None, :], other=0.0)
             acc += tap.to(fx.dtype) * weight[:, None]
     return acc
@@ -150,8 +151,10 @@ def scatter_tile(
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
             xx, yy, weight, _, _, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
-            gptrs = grad_src_ptr + (yy.to(tl.int64) * gstride_h + xx.to(tl.int64) * gstride_w)[:, None] + channels[None, :] * gstride_c
-            tl.atomic_add(gptrs, grad * weight[:, None], mask=(inside & mask_p)[:, None] & mask_c[None, :], sem="relaxed")
+            gptrs = (grad_src_ptr + (yy.to(tl.int64) * gstride_h + xx.to(tl.int64) * gstride_w)[:, None]
+                     + channels[None, :] * gstride_c)
+            tl.atomic_add(gptrs, grad * weight[:, None], mask=(inside & mask_p)[:, None] & mask_c[None, :],
+                          sem="relaxed")
 
 
 @triton.jit
@@ -178,7 +181,8 @@ def upsampled_sample_tile(
     acc = tl.zeros((x0.shape[0], channels.shape[0]), dtype=fx.dtype)
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
-            weight, _, _, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w, DX, DY)
+            weight, _, _, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w,
+                                                                     DX, DY)
             tap = sample_tile(src_ptr, channels, stride_c, stride_h, stride_w, cx0, cy0, cfx, cfy, h, w,
                               inside & mask_p, mask_c)
             acc += tap * weight[:, None]
@@ -208,7 +212,8 @@ def upsampled_tap_gradients(
     dfy = tl.zeros((x0.shape[0],), dtype=fx.dtype)
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
-            weight, dwx, dwy, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w, DX, DY)
+            weight, dwx, dwy, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w,
+                                                                         DX, DY)
             mask = inside & mask_p
             tap = sample_tile(src_ptr, channels, stride_c, stride_h, stride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c)
             grad_tap = tl.sum(grad * tap, axis=1)

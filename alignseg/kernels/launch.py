@@ -159,6 +159,7 @@ MAX_PIXELS = 2**31 - 2**16  # pixel indices are int32 inside the kernels, blocks
 def check_index_range(name: str, t: torch.Tensor) -> None:
     """The kernels index the pixels of one map in int32 and put the batch on a grid axis (limit 65535)."""
     if t.shape[-2] * t.shape[-1] >= MAX_PIXELS:
-        raise ValueError(f"{name} has {t.shape[-2] * t.shape[-1]} pixels per map; the kernels support fewer than {MAX_PIXELS}")
+        raise ValueError(f"{name} has {t.shape[-2] * t.shape[-1]} pixels per map; "
+                         f"the kernels support fewer than {MAX_PIXELS}")
     if t.shape[0] > 65535:
         raise ValueError(f"{name} has batch size {t.shape[0]}; the kernels' grid supports at most 65535")

@@ -1,6 +1,7 @@
 """Compile every kernel ahead of time for NVIDIA GPUs (no GPU needed) and report registers and spills.
 
-    TRITON_INTERPRET=0 python -m alignseg.kernels.report [--arch 80 90] [--dtype float32 bfloat16] [--shape example] [--json]
+    TRITON_INTERPRET=0 python -m alignseg.kernels.report [--arch 80 90] [--dtype float32 bfloat16]
+        [--shape example] [--json]
 
 Each kernel is compiled as the launchers launch it on a GPU: the launch plans of alignseg/kernels/align_fa.py
 and alignseg/kernels/align_cm.py (block sizes from ``GPU_CONFIGS``) over realistic arguments (N=2, C=256,
@@ -115,7 +116,8 @@ def specialization(value) -> tuple[str, object]:
         from triton.runtime.jit import native_specialize_impl
     except ImportError:
         if isinstance(value, torch.Tensor):
-            return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[value.dtype], "D"
+            return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                          torch.float64: "fp64"}[value.dtype], "D"
         if isinstance(value, float):
             return "fp32", ""
         if value == 1:
@@ -176,7 +178,8 @@ def cubin_usage(cubin: bytes) -> tuple[int, int, int]:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        log = subprocess.run([cuobjdump_path(), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        log = subprocess.run([cuobjdump_path(), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", log)
     if usage is None:
         raise RuntimeError(f"could not read the resource usage from cuobjdump:\n{log}")
@@ -202,7 +205,8 @@ def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_la
                             continue
                         registers, local_bytes, stack_bytes = cubin_usage(compiled.asm["cubin"])
                         rows.append(KernelReport(
-                            name, shape, arch, dtype, layout, block_pixels(launch.constexprs), launch.constexprs["BLOCK_C"],
+                            name, shape, arch, dtype, layout, block_pixels(launch.constexprs),
+                            launch.constexprs["BLOCK_C"],
                             launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
                         ))
     return rows, errors
@@ -216,21 +220,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", nargs="+", default=["channels_last"], choices=sorted(LAYOUTS))
     parser.add_argument("--shape", nargs="+", default=["example"], choices=list(SHAPES),
                         help="argument shapes (see SHAPES); edge shapes exercise Triton's specialisation of 1s")
-    parser.add_argument("--keep-going", action="store_true", help="report compile errors at the end instead of stopping")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="report compile errors at the end instead of stopping")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("TRITON_INTERPRET=1 is set: the report compiles real kernels, run it with TRITON_INTERPRET=0", file=sys.stderr)
+        print("TRITON_INTERPRET=1 is set: the report compiles real kernels, run it with TRITON_INTERPRET=0",
+              file=sys.stderr)
         return 2
     rows, errors = report(args.arch, args.dtype, args.layout, args.shape, keep_going=args.keep_going)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
     else:
-        header = f"{'kernel':<26} {'shape':<8} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} {'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8}"
+        header = (f"{'kernel':<26} {'shape':<8} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} "
+                  f"{'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8}")
         print(header)
         for r in rows:
-            print(f"{r.kernel:<26} {r.shape:<8} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} {r.num_warps:>5} "
-                  f"{r.registers:>5} {r.local_bytes:>9} {r.stack_bytes:>9} {r.shared_bytes:>8}")
+            print(f"{r.kernel:<26} {r.shape:<8} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} "
+                  f"{r.num_warps:>5} {r.registers:>5} {r.local_bytes:>9} {r.stack_bytes:>9} {r.shared_bytes:>8}")
     for error in errors:
         print("compile error:", error, file=sys.stderr)
     if errors:

@@ -65,7 +65,8 @@ def align_fa_grid_sample(low: Tensor, high: Tensor, offsets: Tensor, upsample_fi
     if low.numel() == 0:  # F.interpolate rejects empty maps; the gather form gives the empty result and gradients
         return align_fa_reference(low, high, offsets, upsample_first)
     if upsample_first:
-        upsampled = F.interpolate(high.to(_compute_dtype(high)), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        upsampled = F.interpolate(high.to(_compute_dtype(high)), size=low.shape[-2:], mode="bilinear",
+                                  align_corners=True)
         high_part = sample_grid_sample(upsampled, offsets[:, 0:2]).to(high.dtype)
     else:
         high_part = sample_grid_sample(high, offsets[:, 0:2])
@@ -169,7 +170,8 @@ def _align_fa_backward(
 
 
 @_align_fa_backward.register_fake
-def _(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _(grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor,
+      upsample_first: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(low), torch.empty_like(high), torch.empty_like(offsets)
 
 

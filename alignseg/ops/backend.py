@@ -93,7 +93,8 @@ def get_backward() -> str:
 
 
 def set_backward(name: str | None) -> None:
-    """Override ``ALIGNSEG_BACKWARD`` for this process (``"gather"`` or ``"atomic"``); ``None`` returns to the variable."""
+    """Override ``ALIGNSEG_BACKWARD`` for this process (``"gather"`` or ``"atomic"``); ``None`` returns to the
+    variable."""
     global _backward_override
     _backward_override = None if name is None else _check_backward_path(name)
 

@@ -120,7 +120,8 @@ def check_feature_map(name: str, t: object) -> Tensor:
     if t.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor [N, C, H, W], got shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got {t.dtype}")
     return t
 
 
@@ -130,12 +131,14 @@ def check_source_size(name: str, src: Tensor, output_numel: int) -> None:
         raise ValueError(f"{name} must have at least one pixel to sample, got shape {tuple(src.shape)}")
 
 
-def check_offsets(name: str, offsets: object, channels: int, n: int, size: tuple[int, int], feature_dtype: torch.dtype) -> Tensor:
+def check_offsets(name: str, offsets: object, channels: int, n: int, size: tuple[int, int],
+                  feature_dtype: torch.dtype) -> Tensor:
     if not isinstance(offsets, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
     expected = (n, channels, *size)
     if offsets.dim() != 4 or tuple(offsets.shape) != expected:
-        raise ValueError(f"{name} must have shape {list(expected)} (N, {channels} offset channels, H, W), got {list(offsets.shape)}")
+        raise ValueError(f"{name} must have shape {list(expected)} (N, {channels} offset channels, H, W), "
+                         f"got {list(offsets.shape)}")
     if offsets.dtype not in (torch.float32, feature_dtype):
         raise TypeError(f"{name} must be float32 or the features' dtype {feature_dtype}, got {offsets.dtype}")
     return offsets
