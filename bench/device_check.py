@@ -9,7 +9,9 @@ its limit:
    float64, forward and every gradient, at the AlignSeg-R101 shapes, fp32 and bf16, channels_last and
    contiguous (the most important shape of every configuration first);
 3. the GPU-marked tests (``pytest -m gpu``);
-4. the benchmark suite (``python -m bench``: its ops and end-to-end suites, each a child of its own).
+4. the deterministic backward timed against its bytes model, and two runs compared bitwise
+   (``python -m bench.deterministic_backward``; its table goes to device_check.log);
+5. the benchmark suite (``python -m bench``: its ops and end-to-end suites, each a child of its own).
 
 Everything goes into OUTDIR (at most eight files): ``summary.md`` (rewritten after every phase, so a
 run killed from outside still leaves the last one), ``device_check.log`` (all output),
@@ -42,6 +44,7 @@ DEFAULT_DEADLINE_S = 520.0  # under 9 minutes, with room for the process start a
 SMOKE_DEADLINE_S = 600.0
 AGREEMENT_LIMIT_S = 120.0  # on a GPU: the phase's own hard limit, within the deadline
 TESTS_LIMIT_S = 180.0
+DETERMINISTIC_LIMIT_S = 75.0  # the deterministic backward against its bytes model (bench.deterministic_backward)
 SUMMARY_RESERVE_S = 10.0  # kept back at the end for reading the rows and writing the summary
 OPS_SHARE = 0.6  # of the benchmark's time, for the op suite; the end-to-end suite gets the rest
 FILES = (
@@ -301,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     with (args.out / "gpu_tests.txt").open("a") as tests_log:
         run.child("GPU-marked tests", [python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                                        "tests", "bench"], math.inf if args.smoke else TESTS_LIMIT_S, output=tests_log)
+    run.write_summary("running (deterministic backward)")
+
+    # Its table (times against the bytes model, bitwise reproducibility) goes to device_check.log.
+    smoke_subset = ["--dtypes", "bf16", "--layouts", "channels_last"] if args.smoke else []
+    run.child("deterministic backward", [python, "-m", "bench.deterministic_backward", *smoke_subset],
+              math.inf if args.smoke else DETERMINISTIC_LIMIT_S)
     run.write_summary("running (benchmarks)")
 
     from bench import run as bench_run
