@@ -73,9 +73,14 @@ class GatherConfig:
 # contiguous (NCHW): pixels are the fastest axis of the tile (the lanes of a warp run along W), so tiles
 # are wide along W. 8 warps: 16 accumulator elements per thread, 72-128 registers at sm_90 (no spills),
 # two programs per SM (see bench/README.md, "Backward: bytes moved").
+# fp64 (two registers per element): 8x8 tiles of 64 channels at 8 warps reached ptxas's 255 registers with a
+# 176-304 B stack in align_fa_gather (sm_80/sm_90, triton 3.9); 4x8x32 at 16 warps compiles it at 95-97 registers
+# without a stack (example shape). Smaller tiles at fewer warps (8x8x32 or 4x8x32 at 8, 4x4x32 at 4) left 8-24 B
+# stacks at 64-128 registers, where triton 3.9's ptxas (--regAllocOptLevel=2) aims for an occupancy step.
 GATHER_CONFIGS = {
     "channels_last": GatherConfig(tile_h=8, tile_w=8, max_block_c=64, num_warps=8),
     "contiguous": GatherConfig(tile_h=2, tile_w=32, max_block_c=32, num_warps=8),
+    ("channels_last", torch.float64): GatherConfig(tile_h=4, tile_w=8, max_block_c=32, num_warps=16),
 }
 INTERPRETER_GATHER_CONFIG = GatherConfig(tile_h=16, tile_w=32, max_block_c=128, num_warps=1)
 WINDOW_BLOCK_P = 256  # pixels per program of the window reduction
@@ -90,7 +95,8 @@ def gather_config(t: torch.Tensor, config: GatherConfig | None = None) -> Gather
         return config
     if interpreting():
         return INTERPRETER_GATHER_CONFIG
-    return GATHER_CONFIGS["channels_last" if channels_last_layout(t) else "contiguous"]
+    layout = "channels_last" if channels_last_layout(t) else "contiguous"
+    return GATHER_CONFIGS.get((layout, t.dtype), GATHER_CONFIGS[layout])
 
 
 # ----------------------------------------------------------------------------------------------
