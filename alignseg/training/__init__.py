@@ -1,4 +1,7 @@
-"""Training: the loop (:class:`Trainer`), checkpoints, the poly schedule, distributed set-up."""
+"""Training: the loop (:class:`Trainer`) and the poly schedule.
+
+Checkpoints and the distributed set-up live in :mod:`alignseg.checkpoint` and :mod:`alignseg.distributed`.
+"""
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap_model
 from .schedule import build_optimizer, build_scheduler, poly_lr
