@@ -5,9 +5,9 @@ triton reads registers and local memory (spills) from the cubin. The kernels mus
 functions, so the report runs in subprocesses with ``TRITON_INTERPRET=0`` (this process imported them under
 the interpreter), one per arch, side by side on CI's two cores.
 
-The matrix: 13 kernels (the forward and backward of each op and form, the align_fa backward without its
-scatter, and the deterministic backward's gathers and context reduction) x {fp32, fp16, bf16, fp64} x
-{channels_last, contiguous} x 4 argument shapes x 2 archs = 832 compiles. The interpreter does not specialise, so
+The matrix: 15 kernels (the forward and backward of each op and form, the align_fa backward without its
+scatter, and the deterministic backward's gathers, window reduction, atomic fallback and context reduction) x
+{fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes x 2 archs = 960 compiles. The interpreter does not specialise, so
 this is the only test that sees the code Triton's JIT builds for each case. The shapes
 (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code: Triton turns an integer argument equal
 to 1 into a constant and marks one divisible by 16, per argument.
@@ -44,7 +44,7 @@ KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step",
            "align_fa_backward_offsets", "align_fa_backward_offsets_one_step", "align_cm_forward", "align_cm_backward"}
 # The deterministic backward's kernels (alignseg/kernels/align_fa_gather.py, the context reduction of align_cm).
 GATHER_KERNELS = {"align_cm_reduce_context", "gather_warp", "gather_upsample", "align_fa_gather",
-                  "align_fa_gather_one_step"}
+                  "align_fa_gather_one_step", "gather_window", "scatter_transpose"}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 LAYOUTS = ("channels_last", "contiguous")
 ARCHS = (80, 90)

@@ -51,14 +51,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .bilinear import align_corners_scale, output_pixels, source_coordinate, unit_scale
+from .bilinear import align_corners_scale, channel_offset, output_pixels, source_coordinate, unit_scale
 from .launch import KernelLaunch, accumulation_dtype, check_index_range, interpreting, strides
 from .launch import align_corners_scale as host_scale
 
 DIRECT = 0
 COMPOSITE = 1
 MAX_GATHER_SHIFT = 8  # px of the output grid, see the module docstring
-_EMPTY = 2**30  # window sentinel: no output pixel reaches any source cell
+# Window sentinel: no output pixel reaches any source cell. A constexpr, since a kernel may read no other global.
+_EMPTY = tl.constexpr(2**30)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +382,7 @@ def align_fa_gather_kernel(
 
     ty = i0 + r // TILE_W
     tx = j0 + r % TILE_W
-    gather_tile(grad_low_ptr + n * gl_stride_n, grad_at, shift_at + 2 * off_stride_c,
+    gather_tile(grad_low_ptr + n * gl_stride_n, grad_at, shift_at + channel_offset(2, off_stride_c),
                 gl_stride_c, gl_stride_h, gl_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
                 off_stride_c, off_stride_h, off_stride_w,
                 ty, tx, (ty < H) & (tx < W), ty.to(tl.int64), tx.to(tl.int64), channels, mask_c,
@@ -461,16 +462,26 @@ def _scales(out_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[float,
     return host_scale(tw, W), host_scale(th, H)
 
 
+def plan_gather_window(offsets2: torch.Tensor, partial: torch.Tensor, target_hw: tuple[int, int],
+                       mode: int = DIRECT) -> KernelLaunch:
+    """The launch of :func:`gather_window_kernel`: per-program windows into ``partial`` [N * programs, 4] int32."""
+    n, _, H, W = offsets2.shape
+    th, tw = target_hw
+    sx, sy = _scales((H, W), target_hw)
+    return KernelLaunch(
+        gather_window_kernel,
+        grid=(triton.cdiv(H * W, WINDOW_BLOCK_P), n),
+        args=(partial, offsets2, *strides(offsets2), H, W, th, tw, sx, sy),
+        constexprs=dict(BLOCK_P=WINDOW_BLOCK_P, MODE=mode, ACC_DTYPE=accumulation_dtype(offsets2.dtype)[1]),
+        num_warps=4,
+    )
+
+
 def gather_window_device(offsets2: torch.Tensor, target_hw: tuple[int, int], mode: int = DIRECT) -> torch.Tensor:
     """Int32 device tensor [4]: (d_min_y, d_max_y, d_min_x, d_max_x) of i - home(t) over all hits (no host sync)."""
     n, _, H, W = offsets2.shape
-    th, tw = target_hw
-    programs = triton.cdiv(H * W, WINDOW_BLOCK_P)
-    partial = torch.empty(n * programs, 4, dtype=torch.int32, device=offsets2.device)
-    sx, sy = _scales((H, W), target_hw)
-    acc = accumulation_dtype(offsets2.dtype)[1]
-    gather_window_kernel[(programs, n)](partial, offsets2, *strides(offsets2), H, W, th, tw, sx, sy,
-                                        BLOCK_P=WINDOW_BLOCK_P, MODE=mode, ACC_DTYPE=acc, num_warps=4)
+    partial = torch.empty(n * triton.cdiv(H * W, WINDOW_BLOCK_P), 4, dtype=torch.int32, device=offsets2.device)
+    plan_gather_window(offsets2, partial, target_hw, mode)()
     return torch.cat((partial[:, 0::2].amin(0), partial[:, 1::2].amax(0)))[[0, 2, 1, 3]]
 
 
@@ -548,18 +559,26 @@ def launch_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.
     return out
 
 
-def scatter_transpose(grad: torch.Tensor, offsets2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The atomic fallback of the DIRECT form into ``out``: nondeterministic, for windows too wide to gather."""
+def plan_scatter_transpose(grad: torch.Tensor, offsets2: torch.Tensor, buffer: torch.Tensor) -> KernelLaunch:
+    """The launch of :func:`scatter_transpose_kernel`: atomic adds into the zeroed fp32/fp64 ``buffer``."""
     n, c, H, W = grad.shape
-    th, tw = out.shape[-2:]
-    buffer = torch.zeros_like(out, dtype=accumulation_dtype(out.dtype)[0])
+    th, tw = buffer.shape[-2:]
     block_p, block_c = (1024, 128) if interpreting() else (32, 64)
     block_c = min(block_c, triton.next_power_of_2(c))
     sx, sy = _scales((H, W), (th, tw))
-    scatter_transpose_kernel[(triton.cdiv(H * W, block_p), triton.cdiv(c, block_c), n)](
-        buffer, grad, offsets2, *strides(buffer), *strides(grad), *strides(offsets2), c, H, W, th, tw, sx, sy,
-        BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(out.dtype)[1], num_warps=4,
+    return KernelLaunch(
+        scatter_transpose_kernel,
+        grid=(triton.cdiv(H * W, block_p), triton.cdiv(c, block_c), n),
+        args=(buffer, grad, offsets2, *strides(buffer), *strides(grad), *strides(offsets2), c, H, W, th, tw, sx, sy),
+        constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(buffer.dtype)[1]),
+        num_warps=4,
     )
+
+
+def scatter_transpose(grad: torch.Tensor, offsets2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The atomic fallback of the DIRECT form into ``out``: nondeterministic, for windows too wide to gather."""
+    buffer = torch.zeros_like(out, dtype=accumulation_dtype(out.dtype)[0])
+    plan_scatter_transpose(grad, offsets2, buffer)()
     out.copy_(buffer)
     return out
 

@@ -60,6 +60,7 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
     from . import align_fa_gather as gather
     from .align_cm import plan_align_cm_backward, plan_align_cm_forward, plan_reduce_context_partials
     from .align_fa import plan_align_fa_backward, plan_align_fa_forward
+    from .launch import accumulation_dtype
 
     s = shape
 
@@ -94,6 +95,11 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
                                                         gather.COMPOSITE)),
         ("align_fa_gather_one_step", gather.plan_align_fa_gather(grad, fa_offsets, grad_low, grad_high, window, window,
                                                                  gather.DIRECT)),
+        # The device-side window reduction that feeds the gathers, and the atomic fallback for windows too wide.
+        ("gather_window", gather.plan_gather_window(fa_offsets[:, 0:2], window.new_empty(64, 4), high.shape[-2:],
+                                                    gather.COMPOSITE)),
+        ("scatter_transpose", gather.plan_scatter_transpose(
+            grad, fa_offsets[:, 2:4], torch.empty_like(grad_low, dtype=accumulation_dtype(dtype)[0]))),
     ]
 
 
@@ -206,7 +212,7 @@ def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_la
                         registers, local_bytes, stack_bytes = cubin_usage(compiled.asm["cubin"])
                         rows.append(KernelReport(
                             name, shape, arch, dtype, layout, block_pixels(launch.constexprs),
-                            launch.constexprs["BLOCK_C"],
+                            launch.constexprs.get("BLOCK_C", 1),  # the window reduction has no channels
                             launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
                         ))
     return rows, errors
