@@ -7,7 +7,8 @@ the interpreter), one per arch, side by side on CI's two cores.
 
 The matrix: 15 kernels (the forward and backward of each op and form, the align_fa backward without its
 scatter, and the deterministic backward's gathers, window reduction, atomic fallback and context reduction) x
-{fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes x 2 archs = 960 compiles. The interpreter does not specialise, so
+{fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes x 2 archs = 960 compiles.
+The interpreter does not specialise, so
 this is the only test that sees the code Triton's JIT builds for each case. The shapes
 (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code: Triton turns an integer argument equal
 to 1 into a constant and marks one divisible by 16, per argument.

@@ -482,7 +482,9 @@ def gather_window_device(offsets2: torch.Tensor, target_hw: tuple[int, int], mod
     n, _, H, W = offsets2.shape
     partial = torch.empty(n * triton.cdiv(H * W, WINDOW_BLOCK_P), 4, dtype=torch.int32, device=offsets2.device)
     plan_gather_window(offsets2, partial, target_hw, mode)()
-    return torch.cat((partial[:, 0::2].amin(0), partial[:, 1::2].amax(0)))[[0, 2, 1, 3]]
+    # (min, max) per axis, interleaved without an index tensor (a host-made index would be a copy to the device,
+    # illegal during CUDA graph capture).
+    return torch.stack((partial[:, 0::2].amin(0), partial[:, 1::2].amax(0)), dim=1).reshape(4)
 
 
 def window_without_offsets(out_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import alert_nondeterministic, get_backward, require_triton, select_backend
+from .backend import alert_nondeterministic, require_triton, resolve_backward, select_backend
 from .sampling import (
     check_feature_map,
     check_offsets,
@@ -149,14 +149,15 @@ def _(low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True) -
 def _align_fa_backward(
     grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor, upsample_first: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of (low, high, offsets), by the path of :func:`alignseg.ops.backend.get_backward`.
+    """The gradients of (low, high, offsets), by the path of :func:`alignseg.ops.backend.resolve_backward`.
 
-    ``gather`` (default): the per-pixel kernel writes the offsets' gradient only and the gathers of
-    :mod:`alignseg.kernels.align_fa_gather` write the source gradients: no atomics, bitwise reproducible.
-    ``atomic``: one kernel, the source gradients scattered with atomic adds into zeroed fp32/fp64 buffers.
+    ``atomic`` (default outside deterministic mode): one kernel, the source gradients scattered with atomic
+    adds into zeroed fp32/fp64 buffers. ``gather`` (deterministic mode): the per-pixel kernel writes the
+    offsets' gradient only and the gathers of :mod:`alignseg.kernels.align_fa_gather` write the source
+    gradients: no atomics, bitwise reproducible.
     """
     require_triton(low.device)
-    if get_backward() == "atomic":
+    if resolve_backward() == "atomic":
         alert_nondeterministic("alignseg::align_fa_backward", low.device)
         from alignseg.kernels.align_fa import align_fa_backward
 

@@ -13,9 +13,11 @@ The choice comes from the environment variable ``ALIGNSEG_BACKEND``, or from
   oracle: independent of ``grid_sample``, 5-10x slower on the CPU.
 
 The Triton backward of ``align_fa`` has two paths, chosen by ``ALIGNSEG_BACKWARD`` or
-:func:`set_backward` / :func:`use_backward`: ``gather`` (default) computes the source gradients by the
-deterministic gathers of :mod:`alignseg.kernels.align_fa_gather`, ``atomic`` scatters them with atomic
-adds (not bit-reproducible on a GPU). ``align_cm``'s backward is deterministic on its own (no switch).
+:func:`set_backward` / :func:`use_backward`: ``atomic`` scatters the source gradients with atomic adds
+(the fastest measured: bench/results/h200-2026-11-27, not bit-reproducible on a GPU), ``gather`` computes
+them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather` (bitwise reproducible, slower).
+``auto`` (default) takes ``gather`` under ``torch.use_deterministic_algorithms(True)`` and ``atomic``
+otherwise (:func:`resolve_backward`). ``align_cm``'s backward is deterministic on its own (no switch).
 Only a forced ``atomic`` path under ``torch.use_deterministic_algorithms(True)`` warns or raises, like
 PyTorch's own nondeterministic ops (:func:`alert_nondeterministic`).
 
@@ -71,9 +73,11 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
-# The align_fa backward's source gradients: "gather" (deterministic, fewer bytes by the model of bench/README.md,
-# "Backward: bytes moved") or "atomic" (the per-pixel kernel scatters them with atomic adds).
-BACKWARD_PATHS = ("gather", "atomic")
+# The align_fa backward's source gradients: "auto" (the gathers in deterministic mode, else the atomics),
+# "gather" (deterministic) or "atomic" (the per-pixel kernel scatters them with atomic adds). The gathers move
+# fewer bytes by the model of bench/README.md, but their window loop makes them the slower path on a GPU
+# (measured on an H200, bench/results/h200-2026-11-27), so determinism is asked for, not imposed.
+BACKWARD_PATHS = ("auto", "gather", "atomic")
 
 _backward_override: str | None = None
 
@@ -86,15 +90,24 @@ def _check_backward_path(name: str) -> str:
 
 
 def get_backward() -> str:
-    """The align_fa backward path: the :func:`set_backward` override, else ``ALIGNSEG_BACKWARD`` (default "gather")."""
+    """The requested align_fa backward path: the :func:`set_backward` override, else ``ALIGNSEG_BACKWARD``
+    (default "auto")."""
     if _backward_override is not None:
         return _backward_override
-    return _check_backward_path(os.environ.get("ALIGNSEG_BACKWARD", "gather"))
+    return _check_backward_path(os.environ.get("ALIGNSEG_BACKWARD", "auto"))
+
+
+def resolve_backward() -> str:
+    """The path the align_fa backward takes now: "gather" or "atomic" ("auto" decided by deterministic mode)."""
+    requested = get_backward()
+    if requested == "auto":
+        return "gather" if torch.are_deterministic_algorithms_enabled() else "atomic"
+    return requested
 
 
 def set_backward(name: str | None) -> None:
-    """Override ``ALIGNSEG_BACKWARD`` for this process (``"gather"`` or ``"atomic"``); ``None`` returns to the
-    variable."""
+    """Override ``ALIGNSEG_BACKWARD`` for this process (``"auto"``, ``"gather"`` or ``"atomic"``); ``None``
+    returns to the variable."""
     global _backward_override
     _backward_override = None if name is None else _check_backward_path(name)
 
@@ -175,8 +188,8 @@ def alert_nondeterministic(op: str, device: torch.device) -> None:
     message = (
         f"{op} does not have a deterministic implementation on {device.type} with the atomic backward path "
         "(ALIGNSEG_BACKWARD=atomic or alignseg.ops.set_backward('atomic'): its Triton kernel accumulates "
-        "gradients with atomic adds), but you set 'torch.use_deterministic_algorithms(True)'. Use the default "
-        "'gather' path, or 'torch.use_deterministic_algorithms(True, warn_only=True)' to only warn."
+        "gradients with atomic adds), but you set 'torch.use_deterministic_algorithms(True)'. Use the "
+        "'auto' (default) or 'gather' path, or 'torch.use_deterministic_algorithms(True, warn_only=True)' to only warn."
     )
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(message, UserWarning, stacklevel=2)
