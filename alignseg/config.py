@@ -120,8 +120,9 @@ class TrainConfig:
 
     iterations: int = 40000
     seed: int = 0
-    # torch.use_deterministic_algorithms(True, warn_only=True): bit-reproducible on CPU on the same machine;
-    # on a GPU the Triton backward (atomics) is not, and warns.
+    # torch.use_deterministic_algorithms(True, warn_only=True): bit-reproducible on CPU on the same machine. On a
+    # GPU the alignment ops' Triton backward then takes its deterministic path (the gathers: slower, see the
+    # README); PyTorch ops without a deterministic CUDA kernel (the decoder's bilinear upsample backward) warn.
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 uses a GradScaler
