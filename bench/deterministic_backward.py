@@ -5,7 +5,8 @@
 On a GPU, at the issue's shapes (align_fa: N=8, C=256, 219x219 <- 110x110; align_cm: the stride-4 stress
 shape of the Cityscapes crop, N=4, 219x219 <- 3x3), it times in one run: the copy bandwidth; today's
 atomic align_fa backward kernel; the deterministic source-gradient gathers (both AlignFA forms); the
-authors' eager chain's backward (interpolate + two grid_sample); the AlignCM backward. It prints each
+authors' eager chain's backward (interpolate + two grid_sample); the AlignCM backward; and, for the first
+dtype and layout, the gathers again at smaller offsets (their window shrinks, their bytes do not). It prints each
 time against the bytes model of bench/README.md ("Backward: bytes moved") and checks that two runs of
 every deterministic path are bitwise equal. Without a GPU: tiny shapes under the interpreter, a smoke
 run whose timings mean nothing.
@@ -22,6 +23,7 @@ from bench.common import HAS_GPU, SMOKE_BANNER, copy_bandwidth_gbs, device, meas
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+WINDOW_SCALES = (0.5, 0.2)  # offset scales (px) of the window-sensitivity rows; the main rows use 1.5
 
 
 def fa_bytes(e: int, n: int, c: int, H: int, W: int, h: int, w: int) -> dict[str, float]:
@@ -76,6 +78,14 @@ def run(dtype_names, layout_names) -> int:
                 if not all(torch.equal(x, y) for x, y in zip(a, b)):
                     print(f"  NOT BITWISE REPRODUCIBLE: gathers, upsample_first={first}")
                     failures += 1
+            if dname == dtype_names[0] and lname == layout_names[0]:
+                # The gathers' window grows with the largest offset ((2R + 2)^2 candidates per cell): the same
+                # pass at smaller offsets shows how much of its time the window costs (the bytes do not change).
+                for scale in WINDOW_SCALES:
+                    small = offsets * (scale / 1.5)
+                    report(f"gathers (upsample-first), offsets {scale}·N(0,1)",
+                           lambda small=small: align_fa_backward_deterministic(grad, low, high, small),
+                           model["gathers"], model["minimum"] - model["per_pixel"])
             leaves = [t.detach().clone().requires_grad_(True) for t in (low, high, offsets)]
             out = align_fa_authors(leaves[0], leaves[1], leaves[2].to(dtype))
             report("authors' chain backward (grid_sample)", lambda: out.backward(grad, retain_graph=True),
