@@ -1,6 +1,6 @@
-"""The align_fa custom op's backward paths: the atomic scatter (the default outside deterministic mode) and the
-deterministic gathers (the default under ``torch.use_deterministic_algorithms(True)``), each forced by
-``ALIGNSEG_BACKWARD`` or ``set_backward``.
+"""The align_fa custom op's backward paths: the float-atomic scatter (the default outside deterministic mode),
+the fixed-point scatter (the default under ``torch.use_deterministic_algorithms(True)``, below float64) and the
+deterministic gathers, each forced by ``ALIGNSEG_BACKWARD`` or ``set_backward``.
 
 Each test counts which kernels ran (so a passing comparison proves the intended path produced it) and
 compares the gradients with autograd through the eager reference in float64. Under the interpreter the
@@ -47,12 +47,13 @@ def launches(monkeypatch) -> dict[str, int]:
         launch = getattr(module, name)
 
         def counted(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
+            key = name + ("_fixed_point" if kwargs.get("fixed_point") else "")
+            counts[key] = counts.get(key, 0) + 1
             return launch(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
 
-    counting(fa_kernels, "align_fa_backward")  # the atomic path
+    counting(fa_kernels, "align_fa_backward")  # the atomic and (counted apart) the fixed-point paths
     counting(fa_kernels, "align_fa_offsets_backward")  # the gather path: offsets' gradient, no scatter
     counting(gather_kernels, "align_fa_backward_deterministic")  # the gather path: source gradients
     return counts
@@ -60,6 +61,9 @@ def launches(monkeypatch) -> dict[str, int]:
 
 GATHER_PATH = {"align_fa_offsets_backward": 1, "align_fa_backward_deterministic": 1}
 ATOMIC_PATH = {"align_fa_backward": 1}
+FIXED_POINT_PATH = {"align_fa_backward_fixed_point": 1}
+# In deterministic mode: the path requested, and the launches it must make (auto: fixed point, below float64).
+DETERMINISTIC_PATHS = {"auto": FIXED_POINT_PATH, "fixed_point": FIXED_POINT_PATH, "gather": GATHER_PATH}
 
 
 def make_inputs(H, W, h, w, dtype=torch.float32, layout=torch.contiguous_format, n=2, c=3, seed=0):
@@ -94,16 +98,18 @@ def check_against_reference(low, high, offsets, grad, upsample_first, atol=2e-5)
     return result
 
 
+@pytest.mark.parametrize("path", ["auto", "gather"])
 @pytest.mark.parametrize("upsample_first", [True, False])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("size", SIZES)
-def test_deterministic_mode_takes_the_gather_path_and_matches_the_reference(size, layout, upsample_first, launches,
-                                                                             deterministic_algorithms):
+def test_deterministic_mode_paths_match_the_reference(size, layout, upsample_first, path, launches,
+                                                      deterministic_algorithms):
     needs_kernels()
     torch.use_deterministic_algorithms(True)
     inputs = make_inputs(*size, layout=LAYOUTS[layout])
-    result = check_against_reference(*inputs, upsample_first)
-    assert launches == GATHER_PATH
+    with use_backward(path):
+        result = check_against_reference(*inputs, upsample_first)
+    assert launches == DETERMINISTIC_PATHS[path]
     assert (result[0].is_contiguous(memory_format=LAYOUTS[layout])
             and result[1].is_contiguous(memory_format=LAYOUTS[layout]))
 
@@ -133,13 +139,18 @@ def test_default_path_is_atomic_outside_deterministic_mode_and_every_path_stays_
         set_backward(None)
     assert launches == {**ATOMIC_PATH, **GATHER_PATH}
     launches.clear()
+    with use_backward("fixed_point"):
+        fixed = check_against_reference(*inputs, upsample_first)
+    assert launches == FIXED_POINT_PATH
+    launches.clear()
     monkeypatch.setenv("ALIGNSEG_BACKWARD", "auto")
     torch.use_deterministic_algorithms(True)
     check_against_reference(*inputs, upsample_first)
-    assert launches == GATHER_PATH  # auto, in deterministic mode
-    # The two paths sum in different orders: equal to rounding, not bitwise.
-    for a, b in zip(gathered, atomic):
+    assert launches == FIXED_POINT_PATH  # auto, in deterministic mode
+    # The paths sum in different orders (and the fixed point rounds each term): equal to rounding, not bitwise.
+    for a, b, c in zip(gathered, atomic, fixed):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(c, b, atol=2e-5, rtol=1e-5)
 
 
 def test_backward_path_names_are_checked(monkeypatch):
@@ -150,8 +161,9 @@ def test_backward_path_names_are_checked(monkeypatch):
         get_backward()
 
 
+@pytest.mark.parametrize("path", ["auto", "gather"])
 @pytest.mark.parametrize("upsample_first", [True, False])
-def test_deterministic_mode_nan_and_huge_offsets(upsample_first, launches, deterministic_algorithms):
+def test_deterministic_mode_nan_and_huge_offsets(upsample_first, path, launches, deterministic_algorithms):
     needs_kernels()
     torch.use_deterministic_algorithms(True)
     low, high, offsets, grad = make_inputs(9, 7, 5, 4, layout=torch.channels_last)
@@ -159,22 +171,27 @@ def test_deterministic_mode_nan_and_huge_offsets(upsample_first, launches, deter
     offsets[1, 0, 4, 1] = 1e30
     offsets[1, 3, 0, 0] = -float("inf")
     offsets[0, 2, 5, 5] = 3e9
-    result = check_against_reference(low, high, offsets, grad, upsample_first)
-    assert launches == GATHER_PATH
+    with use_backward(path):
+        result = check_against_reference(low, high, offsets, grad, upsample_first)
+    assert launches == DETERMINISTIC_PATHS[path]
     assert torch.equal(result[2][0, :, 2, 3], torch.zeros(4))  # a NaN offset has no gradient
 
 
+@pytest.mark.parametrize("path", ["auto", "fixed_point"])
 @pytest.mark.parametrize("upsample_first", [True, False])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_deterministic_mode_gradcheck_float64(layout, upsample_first, launches, deterministic_algorithms):
+def test_deterministic_mode_gradcheck_float64(layout, upsample_first, path, launches, deterministic_algorithms):
     needs_kernels()
     torch.use_deterministic_algorithms(True)
     low, high, offsets, _ = make_inputs(5, 6, 3, 4, dtype=torch.float64, layout=LAYOUTS[layout], n=1, c=2)
     inputs = [t.detach().requires_grad_(True) for t in (low, high, offsets)]
-    with use_backend("triton"):
+    with use_backend("triton"), use_backward(path):
         assert torch.autograd.gradcheck(lambda a, b, o: align_fa(a, b, o, upsample_first=upsample_first), inputs,
                                         eps=1e-6, atol=1e-7, fast_mode=True)
-    assert launches.keys() == GATHER_PATH.keys() and "align_fa_backward" not in launches
+    # auto keeps float64 on the gathers (64-bit fixed point is coarser than float64); forced, the fixed point
+    # still passes gradcheck's tolerance.
+    expected = GATHER_PATH if path == "auto" else FIXED_POINT_PATH
+    assert launches.keys() == expected.keys() and "align_fa_backward" not in launches
 
 
 def test_alert_fires_only_for_a_forced_atomic_path(monkeypatch, deterministic_algorithms):
@@ -185,7 +202,7 @@ def test_alert_fires_only_for_a_forced_atomic_path(monkeypatch, deterministic_al
     leaves = [t.requires_grad_(True) for t in (low, high, offsets)]
     torch.use_deterministic_algorithms(True)
     with use_backend("triton"):
-        align_fa(*leaves).sum().backward()  # auto: the gather path in deterministic mode, silent
+        align_fa(*leaves).sum().backward()  # auto: the fixed-point path in deterministic mode, silent
         align_cm(high, offsets[:, :2], low).sum().backward()  # deterministic on its own: silent
         with use_backward("atomic"):
             with pytest.raises(RuntimeError, match="align_fa_backward does not have a deterministic implementation"):
@@ -199,7 +216,8 @@ def test_alert_fires_only_for_a_forced_atomic_path(monkeypatch, deterministic_al
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("upsample_first", [True, False])
-def test_cuda_backward_is_bitwise_reproducible_in_deterministic_mode(upsample_first, dtype, launches,
+@pytest.mark.parametrize("path", ["auto", "gather"])
+def test_cuda_backward_is_bitwise_reproducible_in_deterministic_mode(path, upsample_first, dtype, launches,
                                                                       deterministic_algorithms):
     needs_kernels(torch.device("cuda"))
     torch.use_deterministic_algorithms(True)
@@ -209,8 +227,9 @@ def test_cuda_backward_is_bitwise_reproducible_in_deterministic_mode(upsample_fi
     # +-3.0 puts a tap on a grid line, where the offsets' gradient has a kink and the GPU's fp32 coordinate (fused
     # multiply-add) may take the other side than the float64 reference (seen on an H200: one element of 24120).
     offsets = offsets.float() * 1.9
-    runs = [gradients(low, high, offsets, grad, upsample_first) for _ in range(2)]
-    assert launches == {name: 2 for name in GATHER_PATH}
+    with use_backward(path):
+        runs = [gradients(low, high, offsets, grad, upsample_first) for _ in range(2)]
+    assert launches == {name: 2 for name in DETERMINISTIC_PATHS[path]}
     for a, b in zip(*runs):
         assert torch.equal(a, b)
     reference = gradients(low.float(), high.float(), offsets, grad.float(), upsample_first, "reference")

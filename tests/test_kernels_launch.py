@@ -86,12 +86,12 @@ def test_channel_offset_is_a_64_bit_product():
 
 def test_no_kernel_multiplies_a_channel_stride_in_32_bits():
     # Structural: every multiple of a channel stride goes through channel_offset or an int64 channel vector.
-    from alignseg.kernels import align_cm, align_fa, align_fa_gather, bilinear
+    from alignseg.kernels import align_cm, align_fa, align_fa_gather, bilinear, fixed_point
 
     # ``channels`` is always an int64 vector (program id cast before the arange is added).
     allowed = re.compile(r"channels(\[None, :\])? \* \w*stride_c|channel_offset\(\w+, \w*stride_c\)"
                          r"|index \* tl\.cast\(stride_c")
-    for module in (align_fa, align_cm, align_fa_gather, bilinear):
+    for module in (align_fa, align_cm, align_fa_gather, bilinear, fixed_point):
         for number, line in enumerate(inspect.getsource(module).splitlines(), 1):
             code = re.sub(r"``.*?``", "", line.split("#")[0])  # docstrings quote code in double backquotes
             for product in re.findall(r"[\w\]\)]+ \* \w*stride_c\b|\w*stride_c \* \w+", code):
@@ -102,23 +102,24 @@ def test_no_kernel_multiplies_a_channel_stride_in_32_bits():
 def test_every_kernel_is_planned_so_the_compile_matrix_sees_it():
     # Only the AOT matrix (tests/test_kernels_compile.py) compiles real code; the interpreter runs Python and
     # accepts what Triton's compiler refuses (the window reduction read a plain global: it failed on the first GPU).
-    from alignseg.kernels import align_cm, align_fa, align_fa_gather, report
+    from alignseg.kernels import align_cm, align_fa, align_fa_gather, fixed_point, report
 
     def name(kernel) -> str:
         return getattr(kernel, "fn", kernel).__name__
 
-    defined = {name(obj) for module in (align_fa, align_cm, align_fa_gather) for attr, obj in vars(module).items()
+    defined = {name(obj) for module in (align_fa, align_cm, align_fa_gather, fixed_point)
+               for attr, obj in vars(module).items()
                if attr.endswith("_kernel") and hasattr(obj, "fn")}
     planned = {name(launch.kernel) for _, launch in report.example_plans(torch.float32, torch.channels_last)}
-    assert len(defined) >= 9 and defined <= planned, f"kernels the compile matrix never builds: {defined - planned}"
+    assert len(defined) >= 10 and defined <= planned, f"kernels the compile matrix never builds: {defined - planned}"
 
 
 def test_kernels_read_no_plain_globals():
     # Triton's compiler rejects a global that is not a tl.constexpr; the interpreter does not. Structural check of
     # every name a kernel module's @triton.jit functions read from the module.
-    from alignseg.kernels import align_cm, align_fa, align_fa_gather, bilinear
+    from alignseg.kernels import align_cm, align_fa, align_fa_gather, bilinear, fixed_point
 
-    for module in (align_fa, align_cm, align_fa_gather, bilinear):
+    for module in (align_fa, align_cm, align_fa_gather, bilinear, fixed_point):
         for attr, obj in vars(module).items():
             fn = getattr(obj, "fn", None)
             if fn is None or getattr(fn, "__module__", None) != module.__name__:

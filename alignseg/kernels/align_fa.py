@@ -29,6 +29,7 @@ from .bilinear import (
     upsampled_sample_tile,
     upsampled_tap_gradients,
 )
+from .fixed_point import SCATTER_FIXED, SCATTER_FLOAT, SCATTER_NONE, finalize, fixed_point_buffers, fixed_point_scale
 from .launch import (
     KernelLaunch,
     LaunchConfig,
@@ -104,13 +105,17 @@ def align_fa_forward_kernel(
 # all channels, so one program owns a block of pixels and loops over channel blocks, writing each
 # offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer
 # (UPSAMPLE_FIRST: src[t] is U(high) at a fine tap, and d out / d high scatters grad * w_t * u_k into
-# U's coarse taps k). SCATTER_SOURCES=False writes the offsets' gradient only (the source gradients
-# come from the gathers of align_fa_gather.py): the buffer pointers are then never touched.
+# U's coarse taps k). SCATTER_SOURCES: SCATTER_FLOAT (float atomics), SCATTER_FIXED (int64 fixed-point
+# atomics, deterministic: fixed_point.py) or SCATTER_NONE, which writes the offsets' gradient only (the
+# source gradients come from the gathers of align_fa_gather.py): the buffer pointers are then never touched.
 # Grid: (pixel blocks, N).
 @triton.jit
 def align_fa_backward_kernel(
-    grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
-    grad_high_ptr,  # [N, C, h, w] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
+    grad_low_ptr,  # [N, C, H, W] buffer, zero-filled, accumulated with atomics: ACC_DTYPE, or int64 (fixed point)
+    grad_high_ptr,  # [N, C, h, w] buffer, likewise
+    flags_low_ptr,  # SCATTER_FIXED: int32 flags with grad_low's strides, zero-filled (else unused)
+    flags_high_ptr,  # SCATTER_FIXED: int32 flags with grad_high's strides
+    fixed_scale_ptr,  # SCATTER_FIXED: the fixed-point scale, a device scalar (fixed_point_scale)
     grad_offsets_ptr,  # [N, 4, H, W] written once per pixel
     grad_ptr,  # [N, C, H, W] gradient of the output
     low_ptr,  # [N, C, H, W]
@@ -156,6 +161,10 @@ def align_fa_backward_kernel(
                                  sy_low, H)
 
     grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+    if SCATTER_SOURCES == SCATTER_FIXED:
+        fixed_scale = tl.load(fixed_scale_ptr).to(ACC_DTYPE)
+    else:
+        fixed_scale = tl.full((), 1.0, ACC_DTYPE)
     high_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
     high_dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
     low_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
@@ -166,18 +175,21 @@ def align_fa_backward_kernel(
         grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
         grad = grad.to(ACC_DTYPE)
         if UPSAMPLE_FIRST:
-            dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad,
+            dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n,
+                                               flags_high_ptr + n * gh_stride_n, fixed_scale, grad,
                                                channels, high_stride_c, high_stride_h, high_stride_w,
                                                gh_stride_c, gh_stride_h, gh_stride_w,
                                                hx0, hy0, hfx, hfy, H, W, sx_high, sy_high, h, w, mask_p, mask_c,
                                                SCATTER=SCATTER_SOURCES)
         else:
-            dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad, channels,
+            dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n,
+                                     flags_high_ptr + n * gh_stride_n, fixed_scale, grad, channels,
                                      high_stride_c, high_stride_h, high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
                                      hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
         high_dfx += dfx
         high_dfy += dfy
-        dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n, grad, channels,
+        dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n,
+                                 flags_low_ptr + n * gl_stride_n, fixed_scale, grad, channels,
                                  low_stride_c, low_stride_h, low_stride_w, gl_stride_c, gl_stride_h, gl_stride_w,
                                  lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
         low_dfx += dfx
@@ -246,9 +258,12 @@ def plan_align_fa_backward(
     config: LaunchConfig | None = None,
     upsample_first: bool = True,
     scatter_sources: bool = True,
-) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The backward launch and its outputs: zeroed fp32/fp64 buffers for low and high, and grad_offsets.
+    fixed_point: bool = False,
+) -> tuple[KernelLaunch, tuple[torch.Tensor, ...]]:
+    """The backward launch and its outputs: zeroed buffers for low and high, and grad_offsets.
 
+    The buffers are fp32/fp64 (float atomics), or with ``fixed_point`` int64 sums plus int32 flags and the
+    scale (``(grad_low, grad_high, grad_offsets, flags_low, flags_high, scale)``, see fixed_point.py).
     ``scatter_sources=False``: the launch writes grad_offsets only; the two buffers are then empty
     placeholders (no zero fill), the source gradients being left to
     :func:`alignseg.kernels.align_fa_gather.align_fa_backward_deterministic`.
@@ -257,11 +272,19 @@ def plan_align_fa_backward(
     n, c, H, W = low.shape
     h, w = high.shape[-2:]
     acc_torch, acc_triton = accumulation_dtype(low.dtype)
-    if scatter_sources:
+    placeholder = torch.empty(0, dtype=acc_torch, device=low.device)
+    flags_low = flags_high = scale = placeholder
+    if not scatter_sources:
+        mode, grad_low, grad_high = SCATTER_NONE, placeholder, placeholder
+    elif fixed_point:
+        mode = SCATTER_FIXED
+        grad_low, flags_low = fixed_point_buffers(low)
+        grad_high, flags_high = fixed_point_buffers(high)
+        scale = fixed_point_scale(grad, H * W, acc_torch)  # per cell, weights sum to at most H * W
+    else:
+        mode = SCATTER_FLOAT
         grad_low = torch.zeros_like(low, dtype=acc_torch)
         grad_high = torch.zeros_like(high, dtype=acc_torch)
-    else:
-        grad_low = grad_high = torch.empty(0, dtype=acc_torch, device=low.device)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
     cfg = launch_config("align_fa_backward_exact" if upsample_first else "align_fa_backward", low, config)
@@ -270,15 +293,17 @@ def plan_align_fa_backward(
         align_fa_backward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), n),
         args=(
-            grad_low, grad_high, grad_offsets, grad, low, high, offsets,
+            grad_low, grad_high, flags_low, flags_high, scale, grad_offsets, grad, low, high, offsets,
             *buffer_strides, *strides(grad_offsets), *strides(grad),
             *strides(low), *strides(high), *strides(offsets),
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=bool(scatter_sources)),
+                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=mode.value),
         num_warps=cfg.num_warps,
     )
+    if fixed_point and scatter_sources:
+        return launch, (grad_low, grad_high, grad_offsets, flags_low, flags_high, scale)
     return launch, (grad_low, grad_high, grad_offsets)
 
 
@@ -290,11 +315,21 @@ def align_fa_backward(
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
     upsample_first: bool = True,
+    fixed_point: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (low, high, offsets) in their dtypes, given the output gradient ``grad``."""
-    launch, (grad_low, grad_high, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config,
-                                                                          upsample_first)
+    """Gradients of (low, high, offsets) in their dtypes, given the output gradient ``grad``.
+
+    ``fixed_point``: the source gradients are scattered as int64 fixed-point atomics (fixed_point.py), so
+    they are bitwise reproducible; else fp32/fp64 float atomics (not, on a GPU).
+    """
+    launch, outputs = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config, upsample_first,
+                                             fixed_point=fixed_point)
     launch()
+    if fixed_point:
+        sums_low, sums_high, grad_offsets, flags_low, flags_high, scale = outputs
+        return (finalize(sums_low, flags_low, scale, low.dtype), finalize(sums_high, flags_high, scale, high.dtype),
+                grad_offsets)
+    grad_low, grad_high, grad_offsets = outputs
     return grad_low.to(low.dtype), grad_high.to(high.dtype), grad_offsets
 
 

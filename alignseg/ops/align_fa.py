@@ -151,17 +151,20 @@ def _align_fa_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of (low, high, offsets), by the path of :func:`alignseg.ops.backend.resolve_backward`.
 
-    ``atomic`` (default outside deterministic mode): one kernel, the source gradients scattered with atomic
-    adds into zeroed fp32/fp64 buffers. ``gather`` (deterministic mode): the per-pixel kernel writes the
-    offsets' gradient only and the gathers of :mod:`alignseg.kernels.align_fa_gather` write the source
-    gradients: no atomics, bitwise reproducible.
+    ``atomic`` (default outside deterministic mode): one kernel, the source gradients scattered with float
+    atomic adds into zeroed fp32/fp64 buffers. ``fixed_point`` (deterministic mode): the same kernel with
+    int64 fixed-point atomics, bitwise reproducible. ``gather``: the per-pixel kernel writes the offsets'
+    gradient only and the gathers of :mod:`alignseg.kernels.align_fa_gather` write the source gradients.
     """
     require_triton(low.device)
-    if resolve_backward() == "atomic":
-        alert_nondeterministic("alignseg::align_fa_backward", low.device)
+    path = resolve_backward(low.dtype)
+    if path in ("atomic", "fixed_point"):
+        if path == "atomic":
+            alert_nondeterministic("alignseg::align_fa_backward", low.device)
         from alignseg.kernels.align_fa import align_fa_backward
 
-        return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)
+        return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first,
+                                 fixed_point=path == "fixed_point")
     from alignseg.kernels.align_fa import align_fa_offsets_backward
     from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
 

@@ -12,14 +12,17 @@ The choice comes from the environment variable ``ALIGNSEG_BACKEND``, or from
 * ``reference``: the eager gather reference (:func:`alignseg.ops.sample_reference`), the test
   oracle: independent of ``grid_sample``, 5-10x slower on the CPU.
 
-The Triton backward of ``align_fa`` has two paths, chosen by ``ALIGNSEG_BACKWARD`` or
-:func:`set_backward` / :func:`use_backward`: ``atomic`` scatters the source gradients with atomic adds
-(the fastest measured: bench/results/h200-2026-11-27, not bit-reproducible on a GPU), ``gather`` computes
-them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather` (bitwise reproducible, slower).
-``auto`` (default) takes ``gather`` under ``torch.use_deterministic_algorithms(True)`` and ``atomic``
-otherwise (:func:`resolve_backward`). ``align_cm``'s backward is deterministic on its own (no switch).
-Only a forced ``atomic`` path under ``torch.use_deterministic_algorithms(True)`` warns or raises, like
-PyTorch's own nondeterministic ops (:func:`alert_nondeterministic`).
+The Triton backward of ``align_fa`` has three paths, chosen by ``ALIGNSEG_BACKWARD`` or
+:func:`set_backward` / :func:`use_backward`: ``atomic`` scatters the source gradients with float atomic
+adds (the fastest measured: bench/results/h200-2026-11-27; not bit-reproducible on a GPU),
+``fixed_point`` scatters them as 64-bit fixed-point integers (:mod:`alignseg.kernels.fixed_point`:
+integer addition does not depend on the order, so the result is bitwise reproducible), ``gather``
+computes them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather` (reproducible,
+measured 7.3x slower than ``atomic``). ``auto`` (default): ``atomic``, and under
+``torch.use_deterministic_algorithms(True)`` ``fixed_point`` (``gather`` for float64, whose precision the
+fixed point does not keep; :func:`resolve_backward`). ``align_cm``'s backward is deterministic on its own
+(no switch). Only a forced ``atomic`` path under ``torch.use_deterministic_algorithms(True)`` warns or
+raises, like PyTorch's own nondeterministic ops (:func:`alert_nondeterministic`).
 
 The decision is plain Python on values that do not change inside a compiled region, so
 ``torch.compile`` specialises on it without a graph break.
@@ -73,11 +76,11 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
-# The align_fa backward's source gradients: "auto" (the gathers in deterministic mode, else the atomics),
-# "gather" (deterministic) or "atomic" (the per-pixel kernel scatters them with atomic adds). The gathers move
-# fewer bytes by the model of bench/README.md, but their window loop makes them the slower path on a GPU
-# (measured on an H200, bench/results/h200-2026-11-27), so determinism is asked for, not imposed.
-BACKWARD_PATHS = ("auto", "gather", "atomic")
+# The align_fa backward's source gradients: "auto" (see resolve_backward), "atomic" (the per-pixel kernel
+# scatters them with float atomics), "fixed_point" (the same kernel, int64 fixed-point atomics: deterministic)
+# or "gather" (deterministic gathers). The gathers move the fewest DRAM bytes by the model of bench/README.md,
+# but their window loop made them the slowest path on an H200 (bench/results/h200-2026-11-27).
+BACKWARD_PATHS = ("auto", "atomic", "fixed_point", "gather")
 
 _backward_override: str | None = None
 
@@ -97,17 +100,20 @@ def get_backward() -> str:
     return _check_backward_path(os.environ.get("ALIGNSEG_BACKWARD", "auto"))
 
 
-def resolve_backward() -> str:
-    """The path the align_fa backward takes now: "gather" or "atomic" ("auto" decided by deterministic mode)."""
+def resolve_backward(dtype: torch.dtype = torch.float32) -> str:
+    """The path the align_fa backward takes now for inputs of ``dtype``: "auto" becomes "atomic", or in
+    deterministic mode "fixed_point" ("gather" for float64: 64-bit fixed point is coarser than float64)."""
     requested = get_backward()
-    if requested == "auto":
-        return "gather" if torch.are_deterministic_algorithms_enabled() else "atomic"
-    return requested
+    if requested != "auto":
+        return requested
+    if not torch.are_deterministic_algorithms_enabled():
+        return "atomic"
+    return "gather" if dtype == torch.float64 else "fixed_point"
 
 
 def set_backward(name: str | None) -> None:
-    """Override ``ALIGNSEG_BACKWARD`` for this process (``"auto"``, ``"gather"`` or ``"atomic"``); ``None``
-    returns to the variable."""
+    """Override ``ALIGNSEG_BACKWARD`` for this process (one of :data:`BACKWARD_PATHS`); ``None`` returns to the
+    variable."""
     global _backward_override
     _backward_override = None if name is None else _check_backward_path(name)
 
@@ -189,7 +195,8 @@ def alert_nondeterministic(op: str, device: torch.device) -> None:
         f"{op} does not have a deterministic implementation on {device.type} with the atomic backward path "
         "(ALIGNSEG_BACKWARD=atomic or alignseg.ops.set_backward('atomic'): its Triton kernel accumulates "
         "gradients with atomic adds), but you set 'torch.use_deterministic_algorithms(True)'. Use the "
-        "'auto' (default) or 'gather' path, or 'torch.use_deterministic_algorithms(True, warn_only=True)' to only warn."
+        "'auto' (default), 'fixed_point' or 'gather' path, or 'torch.use_deterministic_algorithms(True, "
+        "warn_only=True)' to only warn."
     )
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(message, UserWarning, stacklevel=2)
