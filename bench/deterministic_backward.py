@@ -4,10 +4,11 @@
 
 On a GPU, at the issue's shapes (align_fa: N=8, C=256, 219x219 <- 110x110; align_cm: the stride-4 stress
 shape of the Cityscapes crop, N=4, 219x219 <- 3x3), it times in one run: the copy bandwidth; today's
-atomic align_fa backward kernel; the same kernel with fixed-point atomics (deterministic); the deterministic
-source-gradient gathers (both AlignFA forms); the authors' eager chain's backward (interpolate + two
-grid_sample); the AlignCM backward; and, for the first dtype and layout, the gathers again at smaller
-offsets (their window shrinks, their bytes do not). It prints each time against the bytes model of bench/README.md ("Backward: bytes moved") and checks that two runs of
+atomic align_fa backward kernel; the deterministic source gradients by gathers and by the fixed-point
+scatter (both AlignFA forms); the
+authors' eager chain's backward (interpolate + two grid_sample); the AlignCM backward; and, for the first
+dtype and layout, the gathers again at smaller offsets (their window shrinks, their bytes do not). It prints each
+time against the bytes model of bench/README.md ("Backward: bytes moved") and checks that two runs of
 every deterministic path are bitwise equal. Without a GPU: tiny shapes under the interpreter, a smoke
 run whose timings mean nothing.
 """
@@ -30,10 +31,10 @@ def fa_bytes(e: int, n: int, c: int, H: int, W: int, h: int, w: int) -> dict[str
     """The bytes model of bench/README.md for align_fa's backward."""
     M, m, P = n * c * H * W, n * c * h * w, n * H * W
     today = (22 * M + 20 * m if e == 2 else 20 * M + 16 * m) + 32 * P
-    # Fixed point: int64 sums instead of fp32 (zero fill 8, read-modify-write 16, final read 8 bytes a cell, for
-    # 4 + 8 + 4) plus int32 flags (zero fill 4, final read 4), and the scale's pass over grad (abs, nan_to_num_,
-    # amax: 4e bytes an element).
-    fixed = today + 24 * (M + m) + 4 * e * M
+    # The fixed-point scatter of the sources: reads grad (eM) and two offset channels (8P); int64 sums and int32
+    # flags zero-filled (12), read-modified-written (16) and read by the final pass (12), which writes e a cell;
+    # the scale's pass over grad (abs, nan_to_num_, amax: 4e an element).
+    fixed = e * M + 8 * P + (40 + e) * (M + m) + 4 * e * M
     return dict(minimum=e * (3 * M + 2 * m) + 32 * P, today=today, per_pixel=e * (2 * M + m) + 32 * P,
                 gathers=e * (2 * M + m) + 32 * P, fixed_point=fixed)
 
@@ -47,7 +48,7 @@ def run(dtype_names, layout_names) -> int:
     bandwidth = copy_bandwidth_gbs()
     print(f"copy bandwidth: {bandwidth:.0f} GB/s on {torch.cuda.get_device_name() if HAS_GPU else 'CPU'}")
     from alignseg.kernels.align_cm import align_cm_backward
-    from alignseg.kernels.align_fa import align_fa_backward
+    from alignseg.kernels.align_fa import align_fa_backward, align_fa_sources_fixed_point
     from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
 
     failures = 0
@@ -72,13 +73,6 @@ def run(dtype_names, layout_names) -> int:
 
             report("align_fa backward, today (atomic)", lambda: align_fa_backward(grad, low, high, offsets),
                    model["today"], model["minimum"])
-            report("align_fa backward, fixed point (deterministic)",
-                   lambda: align_fa_backward(grad, low, high, offsets, fixed_point=True), model["fixed_point"],
-                   model["minimum"])
-            a, b = (align_fa_backward(grad, low, high, offsets, fixed_point=True) for _ in range(2))
-            if not all(torch.equal(x, y) for x, y in zip(a, b)):
-                print("  NOT BITWISE REPRODUCIBLE: fixed point")
-                failures += 1
             for first in (True, False):
                 def fn(first=first):
                     return align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=first)
@@ -88,6 +82,16 @@ def run(dtype_names, layout_names) -> int:
                 a, b = fn(), fn()
                 if not all(torch.equal(x, y) for x, y in zip(a, b)):
                     print(f"  NOT BITWISE REPRODUCIBLE: gathers, upsample_first={first}")
+                    failures += 1
+
+                def fixed(first=first):
+                    return align_fa_sources_fixed_point(grad, low, high, offsets, upsample_first=first)
+
+                report(f"fixed point grad_low+grad_high ({'upsample-first' if first else 'one-step'})", fixed,
+                       model["fixed_point"], model["minimum"] - model["per_pixel"])
+                a, b = fixed(), fixed()
+                if not all(torch.equal(x, y) for x, y in zip(a, b)):
+                    print(f"  NOT BITWISE REPRODUCIBLE: fixed point, upsample_first={first}")
                     failures += 1
             if dname == dtype_names[0] and lname == layout_names[0]:
                 # The gathers' window grows with the largest offset ((2R + 2)^2 candidates per cell): the same

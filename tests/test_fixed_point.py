@@ -1,4 +1,5 @@
-"""The fixed-point scatter (alignseg/kernels/fixed_point.py): the deterministic align_fa backward below float64.
+"""The fixed-point scatter of align_fa's source gradients (alignseg/kernels/fixed_point.py; the op's
+``ALIGNSEG_BACKWARD=fixed_point`` path).
 
 Each contribution is rounded once to an int64 and the integers are added with atomics, so the result cannot
 depend on the order of the additions. Under the interpreter the order is fixed, so order-independence is
@@ -29,10 +30,12 @@ def inputs(n=2, c=5, H=13, W=11, h=7, w=6, dtype=torch.float32, layout=torch.con
 
 
 def backward(grad, low, high, offsets, upsample_first=True, fixed_point=True, config=None):
-    from alignseg.kernels.align_fa import align_fa_backward
+    """(grad_low, grad_high): the fixed-point scatter, or the float atomics of the per-pixel backward."""
+    from alignseg.kernels.align_fa import align_fa_backward, align_fa_sources_fixed_point
 
-    return align_fa_backward(grad, low, high, offsets, config=config, upsample_first=upsample_first,
-                             fixed_point=fixed_point)
+    if fixed_point:
+        return align_fa_sources_fixed_point(grad, low, high, offsets, config=config, upsample_first=upsample_first)
+    return align_fa_backward(grad, low, high, offsets, config=config, upsample_first=upsample_first)[:2]
 
 
 def reference(grad, low, high, offsets, upsample_first=True):
@@ -48,8 +51,8 @@ def test_fixed_point_gradients_match_the_reference(dtype, layout, upsample_first
     low, high, offsets, grad = inputs(dtype=dtype, layout=layout)
     result = backward(grad, low, high, offsets, upsample_first)
     atol, rtol = (2e-5, 1e-5) if dtype == torch.float32 else (3e-2, 2e-2)
-    for name, r, ref, src in zip(("low", "high", "offsets"), result, reference(grad, low, high, offsets,
-                                                                              upsample_first), (low, high, offsets)):
+    for name, r, ref, src in zip(("low", "high"), result, reference(grad, low, high, offsets, upsample_first),
+                                 (low, high)):
         assert r.dtype == src.dtype and r.stride() == src.stride(), name
         torch.testing.assert_close(r.double(), ref, atol=atol * max(1.0, float(ref.abs().max())), rtol=rtol,
                                    msg=lambda m: f"grad of {name}: {m}")
@@ -62,7 +65,8 @@ def test_fixed_point_sums_do_not_depend_on_the_order(upsample_first):
     low, high, offsets, grad = inputs(n=1, c=6, H=17, W=15, h=9, w=8, layout=torch.channels_last)
     offsets = offsets * 2  # more taps per cell
     # Other pixel and channel blocks: other programs, each adding its taps in another order.
-    configs = [LaunchConfig(block_p=256, max_block_c=8, num_warps=4), LaunchConfig(block_p=16, max_block_c=2, num_warps=4),
+    configs = [LaunchConfig(block_p=256, max_block_c=8, num_warps=4), LaunchConfig(block_p=16, max_block_c=2,
+                                                                                   num_warps=4),
                LaunchConfig(block_p=64, max_block_c=4, num_warps=4)]
     results = [backward(grad, low, high, offsets, upsample_first, config=cfg) for cfg in configs]
     for other in results[1:]:
@@ -100,7 +104,7 @@ def test_the_scale_follows_the_gradient_magnitude(magnitude):
     scaled = grad * magnitude
     fixed = backward(scaled, low, high, offsets)
     ref = reference(scaled, low, high, offsets)
-    for f, r in zip(fixed[:2], ref[:2]):
+    for f, r in zip(fixed, ref):
         torch.testing.assert_close(f.double(), r, atol=2e-5 * magnitude, rtol=1e-5)
     zeros = backward(torch.zeros_like(grad), low, high, offsets)
     assert not zeros[0].any() and not zeros[1].any()

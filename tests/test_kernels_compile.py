@@ -5,9 +5,10 @@ triton reads registers and local memory (spills) from the cubin. The kernels mus
 functions, so the report runs in subprocesses with ``TRITON_INTERPRET=0`` (this process imported them under
 the interpreter), one per arch, side by side on CI's two cores.
 
-The matrix: 15 kernels (the forward and backward of each op and form, the align_fa backward without its
-scatter, and the deterministic backward's gathers, window reduction, atomic fallback and context reduction) x
-{fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes x 2 archs = 960 compiles.
+The matrix: 18 kernels (the forward and backward of each op and form, the align_fa backward without its
+scatter, the fixed-point scatter of each form and its final pass, and the deterministic backward's gathers,
+window reduction, atomic fallback and context reduction) x {fp32, fp16, bf16, fp64} x {channels_last,
+contiguous} x 4 argument shapes x 2 archs = 1152 compiles.
 The interpreter does not specialise, so
 this is the only test that sees the code Triton's JIT builds for each case. The shapes
 (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code: Triton turns an integer argument equal
@@ -42,7 +43,8 @@ from alignseg.kernels.report import MIN_TRITON, SHAPES, SPILLED
 from alignseg.ops.backend import triton_available
 
 KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step", "align_fa_backward_one_step",
-           "align_fa_backward_offsets", "align_fa_backward_offsets_one_step", "align_cm_forward", "align_cm_backward"}
+           "align_fa_backward_offsets", "align_fa_backward_offsets_one_step", "align_cm_forward", "align_cm_backward",
+           "align_fa_fixed_point_scatter", "align_fa_fixed_point_scatter_one_step", "fixed_point_finalize"}
 # The deterministic backward's kernels (alignseg/kernels/align_fa_gather.py, the context reduction of align_cm).
 GATHER_KERNELS = {"align_cm_reduce_context", "gather_warp", "gather_upsample", "align_fa_gather",
                   "align_fa_gather_one_step", "gather_window", "scatter_transpose"}

@@ -168,7 +168,7 @@ def align_cm_backward_kernel(
             grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :],
                            other=0.0)
             grad = grad.to(ACC_DTYPE)
-            block_dfx, block_dfy = tap_gradients(context_at, scatter_at, scatter_at, 1.0, grad, channels,
+            block_dfx, block_dfy = tap_gradients(context_at, scatter_at, grad, channels,
                                                  ctx_stride_c, ctx_stride_h, ctx_stride_w,
                                                  gc_stride_c, gc_stride_h, gc_stride_w,
                                                  x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=SCATTER)

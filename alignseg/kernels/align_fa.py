@@ -23,13 +23,15 @@ from .bilinear import (
     load_shift,
     output_pixels,
     sample_tile,
+    scatter_tile,
     source_coordinate,
     tap_gradients,
     unit_scale,
     upsampled_sample_tile,
+    upsampled_tap,
     upsampled_tap_gradients,
 )
-from .fixed_point import SCATTER_FIXED, SCATTER_FLOAT, SCATTER_NONE, finalize, fixed_point_buffers, fixed_point_scale
+from .fixed_point import SCATTER_FIXED, finalize, fixed_point_buffers, fixed_point_scale
 from .launch import (
     KernelLaunch,
     LaunchConfig,
@@ -105,17 +107,13 @@ def align_fa_forward_kernel(
 # all channels, so one program owns a block of pixels and loops over channel blocks, writing each
 # offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer
 # (UPSAMPLE_FIRST: src[t] is U(high) at a fine tap, and d out / d high scatters grad * w_t * u_k into
-# U's coarse taps k). SCATTER_SOURCES: SCATTER_FLOAT (float atomics), SCATTER_FIXED (int64 fixed-point
-# atomics, deterministic: fixed_point.py) or SCATTER_NONE, which writes the offsets' gradient only (the
-# source gradients come from the gathers of align_fa_gather.py): the buffer pointers are then never touched.
+# U's coarse taps k). SCATTER_SOURCES=False writes the offsets' gradient only (the source gradients
+# come from the gathers of align_fa_gather.py): the buffer pointers are then never touched.
 # Grid: (pixel blocks, N).
 @triton.jit
 def align_fa_backward_kernel(
-    grad_low_ptr,  # [N, C, H, W] buffer, zero-filled, accumulated with atomics: ACC_DTYPE, or int64 (fixed point)
-    grad_high_ptr,  # [N, C, h, w] buffer, likewise
-    flags_low_ptr,  # SCATTER_FIXED: int32 flags with grad_low's strides, zero-filled (else unused)
-    flags_high_ptr,  # SCATTER_FIXED: int32 flags with grad_high's strides
-    fixed_scale_ptr,  # SCATTER_FIXED: the fixed-point scale, a device scalar (fixed_point_scale)
+    grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
+    grad_high_ptr,  # [N, C, h, w] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
     grad_offsets_ptr,  # [N, 4, H, W] written once per pixel
     grad_ptr,  # [N, C, H, W] gradient of the output
     low_ptr,  # [N, C, H, W]
@@ -161,10 +159,6 @@ def align_fa_backward_kernel(
                                  sy_low, H)
 
     grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
-    if SCATTER_SOURCES == SCATTER_FIXED:
-        fixed_scale = tl.load(fixed_scale_ptr).to(ACC_DTYPE)
-    else:
-        fixed_scale = tl.full((), 1.0, ACC_DTYPE)
     high_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
     high_dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
     low_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
@@ -175,21 +169,18 @@ def align_fa_backward_kernel(
         grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
         grad = grad.to(ACC_DTYPE)
         if UPSAMPLE_FIRST:
-            dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n,
-                                               flags_high_ptr + n * gh_stride_n, fixed_scale, grad,
+            dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad,
                                                channels, high_stride_c, high_stride_h, high_stride_w,
                                                gh_stride_c, gh_stride_h, gh_stride_w,
                                                hx0, hy0, hfx, hfy, H, W, sx_high, sy_high, h, w, mask_p, mask_c,
                                                SCATTER=SCATTER_SOURCES)
         else:
-            dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n,
-                                     flags_high_ptr + n * gh_stride_n, fixed_scale, grad, channels,
+            dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad, channels,
                                      high_stride_c, high_stride_h, high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
                                      hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
         high_dfx += dfx
         high_dfy += dfy
-        dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n,
-                                 flags_low_ptr + n * gl_stride_n, fixed_scale, grad, channels,
+        dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n, grad, channels,
                                  low_stride_c, low_stride_h, low_stride_w, gl_stride_c, gl_stride_h, gl_stride_w,
                                  lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
         low_dfx += dfx
@@ -201,6 +192,79 @@ def align_fa_backward_kernel(
     tl.store(go_at + channel_offset(1, go_stride_c), (high_dfy * sy_warp).to(out_ty), mask=mask_p)
     tl.store(go_at + channel_offset(2, go_stride_c), (low_dfx * sx_low).to(out_ty), mask=mask_p)
     tl.store(go_at + channel_offset(3, go_stride_c), (low_dfy * sy_low).to(out_ty), mask=mask_p)
+
+
+# The deterministic source gradients without gathers: d out / d low and d out / d high scattered as int64
+# fixed-point atomics (fixed_point.py: the sums do not depend on the order). Scatter only: no source taps are
+# loaded and no offset gradient is formed (align_fa_offsets_backward writes that), which keeps it light where
+# the per-pixel backward with fixed-point atomics ran out of registers. UPSAMPLE_FIRST: each of the 4 warp
+# taps on U(high)'s grid is spread over its 4 coarse cells (16 cells a pixel). Grid: (pixel blocks, channel
+# blocks, N).
+@triton.jit
+def align_fa_scatter_kernel(
+    sums_low_ptr,  # [N, C, H, W] int64, zero-filled
+    sums_high_ptr,  # [N, C, h, w] int64, zero-filled
+    flags_low_ptr,  # [N, C, H, W] int32 flags, sums_low's strides, zero-filled
+    flags_high_ptr,  # [N, C, h, w] int32 flags, sums_high's strides
+    fixed_scale_ptr,  # the fixed-point scale, a device scalar (fixed_point_scale)
+    grad_ptr,  # [N, C, H, W] gradient of the output
+    offsets_ptr,  # [N, 4, H, W]
+    gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
+    gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
+    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    C, H, W, h, w,
+    high_scale_x, high_scale_y,  # align-corners scales of high, fp32 (see align_corners_scale)
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    UPSAMPLE_FIRST: tl.constexpr,
+):
+    n = tl.program_id(2).to(tl.int64)
+    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
+    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = channels < C
+    shift_ptr = offsets_ptr + n * off_stride_n
+    shift_at = rows * off_stride_h + cols * off_stride_w
+    rows_acc = rows.to(ACC_DTYPE)
+    cols_acc = cols.to(ACC_DTYPE)
+    sx_high = align_corners_scale(w, W, high_scale_x, ACC_DTYPE)
+    sy_high = align_corners_scale(h, H, high_scale_y, ACC_DTYPE)
+    sx_low = unit_scale(W, ACC_DTYPE)
+    sy_low = unit_scale(H, ACC_DTYPE)
+    fixed_scale = tl.load(fixed_scale_ptr).to(ACC_DTYPE)
+    grad = tl.load(grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+                   + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    grad = grad.to(ACC_DTYPE)
+
+    lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sx_low, W)
+    ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sy_low, H)
+    scatter_tile(sums_low_ptr + n * gl_stride_n, flags_low_ptr + n * gl_stride_n, fixed_scale, grad, channels,
+                 gl_stride_c, gl_stride_h, gl_stride_w, lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER_FIXED)
+
+    high_at = sums_high_ptr + n * gh_stride_n
+    high_flags_at = flags_high_ptr + n * gh_stride_n
+    if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
+        hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                     sx_low, W)
+        hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                     sy_low, H)
+        for DY in tl.static_range(2):
+            for DX in tl.static_range(2):
+                weight, _, _, inside, cx0, cy0, cfx, cfy = upsampled_tap(hx0, hy0, hfx, hfy, H, W, sx_high, sy_high,
+                                                                         h, w, DX, DY)
+                scatter_tile(high_at, high_flags_at, fixed_scale, grad * weight[:, None], channels,
+                             gh_stride_c, gh_stride_h, gh_stride_w, cx0, cy0, cfx, cfy, h, w, inside & mask_p, mask_c,
+                             SCATTER_FIXED)
+    else:
+        hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                     sx_high, w)
+        hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                     sy_high, h)
+        scatter_tile(high_at, high_flags_at, fixed_scale, grad, channels, gh_stride_c, gh_stride_h, gh_stride_w,
+                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER_FIXED)
 
 
 def plan_align_fa_forward(
@@ -258,12 +322,9 @@ def plan_align_fa_backward(
     config: LaunchConfig | None = None,
     upsample_first: bool = True,
     scatter_sources: bool = True,
-    fixed_point: bool = False,
-) -> tuple[KernelLaunch, tuple[torch.Tensor, ...]]:
-    """The backward launch and its outputs: zeroed buffers for low and high, and grad_offsets.
+) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The backward launch and its outputs: zeroed fp32/fp64 buffers for low and high, and grad_offsets.
 
-    The buffers are fp32/fp64 (float atomics), or with ``fixed_point`` int64 sums plus int32 flags and the
-    scale (``(grad_low, grad_high, grad_offsets, flags_low, flags_high, scale)``, see fixed_point.py).
     ``scatter_sources=False``: the launch writes grad_offsets only; the two buffers are then empty
     placeholders (no zero fill), the source gradients being left to
     :func:`alignseg.kernels.align_fa_gather.align_fa_backward_deterministic`.
@@ -272,19 +333,11 @@ def plan_align_fa_backward(
     n, c, H, W = low.shape
     h, w = high.shape[-2:]
     acc_torch, acc_triton = accumulation_dtype(low.dtype)
-    placeholder = torch.empty(0, dtype=acc_torch, device=low.device)
-    flags_low = flags_high = scale = placeholder
-    if not scatter_sources:
-        mode, grad_low, grad_high = SCATTER_NONE, placeholder, placeholder
-    elif fixed_point:
-        mode = SCATTER_FIXED
-        grad_low, flags_low = fixed_point_buffers(low)
-        grad_high, flags_high = fixed_point_buffers(high)
-        scale = fixed_point_scale(grad, H * W, acc_torch)  # per cell, weights sum to at most H * W
-    else:
-        mode = SCATTER_FLOAT
+    if scatter_sources:
         grad_low = torch.zeros_like(low, dtype=acc_torch)
         grad_high = torch.zeros_like(high, dtype=acc_torch)
+    else:
+        grad_low = grad_high = torch.empty(0, dtype=acc_torch, device=low.device)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
     cfg = launch_config("align_fa_backward_exact" if upsample_first else "align_fa_backward", low, config)
@@ -293,17 +346,15 @@ def plan_align_fa_backward(
         align_fa_backward_kernel,
         grid=(triton.cdiv(H * W, cfg.block_p), n),
         args=(
-            grad_low, grad_high, flags_low, flags_high, scale, grad_offsets, grad, low, high, offsets,
+            grad_low, grad_high, grad_offsets, grad, low, high, offsets,
             *buffer_strides, *strides(grad_offsets), *strides(grad),
             *strides(low), *strides(high), *strides(offsets),
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=mode.value),
+                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=bool(scatter_sources)),
         num_warps=cfg.num_warps,
     )
-    if fixed_point and scatter_sources:
-        return launch, (grad_low, grad_high, grad_offsets, flags_low, flags_high, scale)
     return launch, (grad_low, grad_high, grad_offsets)
 
 
@@ -315,21 +366,11 @@ def align_fa_backward(
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
     upsample_first: bool = True,
-    fixed_point: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (low, high, offsets) in their dtypes, given the output gradient ``grad``.
-
-    ``fixed_point``: the source gradients are scattered as int64 fixed-point atomics (fixed_point.py), so
-    they are bitwise reproducible; else fp32/fp64 float atomics (not, on a GPU).
-    """
-    launch, outputs = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config, upsample_first,
-                                             fixed_point=fixed_point)
+    """Gradients of (low, high, offsets) in their dtypes, given the output gradient ``grad``."""
+    launch, (grad_low, grad_high, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config,
+                                                                          upsample_first)
     launch()
-    if fixed_point:
-        sums_low, sums_high, grad_offsets, flags_low, flags_high, scale = outputs
-        return (finalize(sums_low, flags_low, scale, low.dtype), finalize(sums_high, flags_high, scale, high.dtype),
-                grad_offsets)
-    grad_low, grad_high, grad_offsets = outputs
     return grad_low.to(low.dtype), grad_high.to(high.dtype), grad_offsets
 
 
@@ -348,3 +389,52 @@ def align_fa_offsets_backward(
                                                           upsample_first, scatter_sources=False)
     launch()
     return grad_offsets
+
+
+def plan_align_fa_fixed_point_scatter(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    offsets: torch.Tensor,
+    config: LaunchConfig | None = None,
+    upsample_first: bool = True,
+) -> tuple[KernelLaunch, tuple[torch.Tensor, ...]]:
+    """The launch of :func:`align_fa_scatter_kernel` and its outputs: (sums_low, flags_low, sums_high,
+    flags_high, scale), zero-filled, the sums and flags in ``low``'s and ``high``'s strides."""
+    check_index_range("low", low)
+    n, c, H, W = low.shape
+    h, w = high.shape[-2:]
+    acc_torch, acc_triton = accumulation_dtype(low.dtype)
+    sums_low, flags_low = fixed_point_buffers(low)
+    sums_high, flags_high = fixed_point_buffers(high)
+    scale = fixed_point_scale(grad, H * W, acc_torch)  # a cell receives weights summing to at most H * W
+    cfg = launch_config("align_fa_scatter_exact" if upsample_first else "align_fa_scatter", low, config)
+    block_c = channel_block(c, cfg)
+    launch = KernelLaunch(
+        align_fa_scatter_kernel,
+        grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
+        args=(sums_low, sums_high, flags_low, flags_high, scale, grad, offsets,
+              *strides(sums_low), *strides(sums_high), *strides(grad), *strides(offsets),
+              c, H, W, h, w, host_scale(w, W), host_scale(h, H)),
+        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=acc_triton,
+                        UPSAMPLE_FIRST=bool(upsample_first)),
+        num_warps=cfg.num_warps,
+    )
+    return launch, (sums_low, flags_low, sums_high, flags_high, scale)
+
+
+def align_fa_sources_fixed_point(
+    grad: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    offsets: torch.Tensor,
+    config: LaunchConfig | None = None,
+    upsample_first: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_low, grad_high)`` in their inputs' dtypes and strides, by fixed-point atomics: bitwise
+    reproducible (the int64 sums do not depend on the order of the adds). The offsets' gradient comes from
+    :func:`align_fa_offsets_backward`."""
+    launch, (sums_low, flags_low, sums_high, flags_high, scale) = plan_align_fa_fixed_point_scatter(
+        grad, low, high, offsets, config, upsample_first)
+    launch()
+    return finalize(sums_low, flags_low, scale, low.dtype), finalize(sums_high, flags_high, scale, high.dtype)

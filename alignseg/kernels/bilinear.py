@@ -16,7 +16,7 @@ evaluated from its own four coarse taps (the authors' AlignFA: upsample, then wa
 import triton
 import triton.language as tl
 
-from .fixed_point import scatter_add
+from .fixed_point import SCATTER_FLOAT, scatter_add
 
 
 @triton.jit
@@ -104,9 +104,7 @@ def sample_tile(
 @triton.jit
 def tap_gradients(
     src_ptr,  # source map of one batch row per pixel, already offset by n * stride_n
-    grad_src_ptr,  # gradient buffer of the source (fp32/fp64, or int64 for SCATTER_FIXED), offset likewise
-    flags_ptr,  # SCATTER_FIXED: int32 flags in the buffer's layout, offset likewise (else unused)
-    fixed_scale,  # SCATTER_FIXED: the fixed-point scale (else unused)
+    grad_src_ptr,  # fp32/fp64 gradient buffer of the source, same layout rules, offset likewise
     grad,  # [BLOCK_P, BLOCK_C] incoming gradient tile in ACC_DTYPE (zero where masked)
     channels,
     stride_c, stride_h, stride_w,
@@ -119,9 +117,8 @@ def tap_gradients(
     """Backward of :func:`sample_tile` for one channel block.
 
     Returns the per-pixel partial sums over this block's channels of grad * d(sample)/dfx and
-    grad * d(sample)/dfy. With SCATTER (SCATTER_FLOAT or SCATTER_FIXED, see fixed_point.py) it also
-    atomically adds grad * weight into each tap of the source gradient (callers with a tiny source
-    reduce per program instead).
+    grad * d(sample)/dfy. With SCATTER it also atomically adds grad * weight into each tap of
+    the source gradient (callers with a tiny source reduce per program instead).
     """
     dfx = tl.zeros((x0.shape[0],), dtype=fx.dtype)
     dfy = tl.zeros((x0.shape[0],), dtype=fx.dtype)
@@ -137,23 +134,23 @@ def tap_gradients(
             dfx += dwx * grad_tap
             dfy += dwy * grad_tap
             if SCATTER:
-                at = (row * gstride_h + col * gstride_w)[:, None] + channels[None, :] * gstride_c
-                scatter_add(grad_src_ptr, flags_ptr, at, grad * weight[:, None], mask, fixed_scale, SCATTER)
+                gptrs = grad_src_ptr + (row * gstride_h + col * gstride_w)[:, None] + channels[None, :] * gstride_c
+                tl.atomic_add(gptrs, grad * weight[:, None], mask=mask, sem="relaxed")
     return dfx, dfy
 
 
 @triton.jit
 def scatter_tile(
-    grad_src_ptr,  # gradient buffer of the source (as in tap_gradients), already offset by n * stride_n
-    flags_ptr,  # SCATTER_FIXED: int32 flags in the buffer's layout, offset likewise
-    fixed_scale,
+    grad_src_ptr,  # gradient buffer of the source, already offset by n * stride_n: fp32/fp64, or int64 sums
+    flags_ptr,  # SCATTER_FIXED: int32 flags with the buffer's strides, offset likewise (else unused)
+    fixed_scale,  # SCATTER_FIXED: the fixed-point scale (else unused)
     grad,  # [BLOCK_P, BLOCK_C] gradient of the sampled tile in ACC_DTYPE
     channels,
     gstride_c, gstride_h, gstride_w,
     x0, y0, fx, fy,
     h, w,
     mask_p, mask_c,
-    SCATTER: tl.constexpr,
+    SCATTER: tl.constexpr,  # SCATTER_FLOAT or SCATTER_FIXED (fixed_point.py)
 ):
     """Adjoint of :func:`sample_tile` in the source: atomically add grad * weight into each of the four taps."""
     for DY in tl.static_range(2):
@@ -199,9 +196,7 @@ def upsampled_sample_tile(
 @triton.jit
 def upsampled_tap_gradients(
     src_ptr,  # coarse map of one batch row, already offset by n * stride_n
-    grad_src_ptr,  # gradient buffer of the coarse map (as in tap_gradients), offset likewise
-    flags_ptr,  # SCATTER_FIXED: int32 flags in the buffer's layout, offset likewise
-    fixed_scale,
+    grad_src_ptr,  # fp32/fp64 gradient buffer of the coarse map, offset likewise
     grad,  # [BLOCK_P, BLOCK_C] incoming gradient tile in ACC_DTYPE (zero where masked)
     channels,
     stride_c, stride_h, stride_w,
@@ -229,8 +224,8 @@ def upsampled_tap_gradients(
             dfx += dwx * grad_tap
             dfy += dwy * grad_tap
             if SCATTER:
-                scatter_tile(grad_src_ptr, flags_ptr, fixed_scale, grad * weight[:, None], channels,
-                             gstride_c, gstride_h, gstride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c, SCATTER)
+                scatter_tile(grad_src_ptr, grad_src_ptr, 1.0, grad * weight[:, None], channels,
+                             gstride_c, gstride_h, gstride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c, SCATTER_FLOAT)
     return dfx, dfy
 
 

@@ -36,6 +36,11 @@ GPU_CONFIGS: dict[str, LaunchConfig] = {
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_cm_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=8),
+    # The deterministic fixed-point scatter of the sources (no source taps loaded; int64 atomics): the integer
+    # conversion and a flag address per element are costly in registers, so two elements a thread (32x32 on 4
+    # warps spilled 88-632 B at 255 registers; 16x32 on 8 takes 62-106, fp32/bf16 at sm_80/sm_90).
+    "align_fa_scatter": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    "align_fa_scatter_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
 }
 # Contiguous (NCHW) maps: no axis of the tile is provably contiguous, the compiler keeps two layouts
 # of it alive and needs many more registers, so smaller tiles.
@@ -48,6 +53,8 @@ GPU_CONFIGS_CONTIGUOUS: dict[str, LaunchConfig] = {
     # --regAllocOptLevel=2, its workaround for a ptxas 13 bug; without that option there is no spill).
     "align_cm_forward": LaunchConfig(block_p=32, max_block_c=32, num_warps=4),
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=16, num_warps=4),
+    "align_fa_scatter": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    "align_fa_scatter_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
 }
 
 # fp64 takes two registers per tile element and per coordinate: where the tiles above spill in fp64 (at

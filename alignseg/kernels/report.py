@@ -59,7 +59,7 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
     """(name, KernelLaunch) for every kernel, planned over meta tensors of ``shape`` (keys of EXAMPLE_SHAPE)."""
     from . import align_fa_gather as gather
     from .align_cm import plan_align_cm_backward, plan_align_cm_forward, plan_reduce_context_partials
-    from .align_fa import plan_align_fa_backward, plan_align_fa_forward
+    from .align_fa import plan_align_fa_backward, plan_align_fa_fixed_point_scatter, plan_align_fa_forward
     from .fixed_point import fixed_point_buffers, plan_fixed_point_finalize
     from .launch import accumulation_dtype
 
@@ -87,10 +87,10 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
         ("align_fa_backward_offsets", plan_align_fa_backward(grad, low, high, fa_offsets, scatter_sources=False)[0]),
         ("align_fa_backward_offsets_one_step",
          plan_align_fa_backward(grad, low, high, fa_offsets, upsample_first=False, scatter_sources=False)[0]),
-        # The deterministic scatter: int64 fixed-point atomics with flags (fixed_point.py), and its final pass.
-        ("align_fa_backward_fixed_point", plan_align_fa_backward(grad, low, high, fa_offsets, fixed_point=True)[0]),
-        ("align_fa_backward_fixed_point_one_step",
-         plan_align_fa_backward(grad, low, high, fa_offsets, upsample_first=False, fixed_point=True)[0]),
+        # The deterministic fixed-point scatter of the sources (fixed_point.py), and its final pass.
+        ("align_fa_fixed_point_scatter", plan_align_fa_fixed_point_scatter(grad, low, high, fa_offsets)[0]),
+        ("align_fa_fixed_point_scatter_one_step",
+         plan_align_fa_fixed_point_scatter(grad, low, high, fa_offsets, upsample_first=False)[0]),
         ("fixed_point_finalize", plan_fixed_point_finalize(grad_low, *fixed_point_buffers(grad_low),
                                                            window.new_empty((), dtype=accumulation_dtype(dtype)[0]))),
         ("align_cm_forward", plan_align_cm_forward(context, cm_offsets, low)[0]),

@@ -152,24 +152,24 @@ def _align_fa_backward(
     """The gradients of (low, high, offsets), by the path of :func:`alignseg.ops.backend.resolve_backward`.
 
     ``atomic`` (default outside deterministic mode): one kernel, the source gradients scattered with float
-    atomic adds into zeroed fp32/fp64 buffers. ``fixed_point`` (deterministic mode): the same kernel with
-    int64 fixed-point atomics, bitwise reproducible. ``gather``: the per-pixel kernel writes the offsets'
-    gradient only and the gathers of :mod:`alignseg.kernels.align_fa_gather` write the source gradients.
+    atomic adds into zeroed fp32/fp64 buffers. ``gather`` (deterministic mode) and ``fixed_point``: the
+    per-pixel kernel writes the offsets' gradient only; the gathers of :mod:`alignseg.kernels.align_fa_gather`,
+    or a scatter with int64 fixed-point atomics (:mod:`alignseg.kernels.fixed_point`), write the source
+    gradients: bitwise reproducible either way.
     """
     require_triton(low.device)
-    path = resolve_backward(low.dtype)
-    if path in ("atomic", "fixed_point"):
-        if path == "atomic":
-            alert_nondeterministic("alignseg::align_fa_backward", low.device)
+    path = resolve_backward()
+    if path == "atomic":
+        alert_nondeterministic("alignseg::align_fa_backward", low.device)
         from alignseg.kernels.align_fa import align_fa_backward
 
-        return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first,
-                                 fixed_point=path == "fixed_point")
-    from alignseg.kernels.align_fa import align_fa_offsets_backward
+        return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)
+    from alignseg.kernels.align_fa import align_fa_offsets_backward, align_fa_sources_fixed_point
     from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
 
     grad_offsets = align_fa_offsets_backward(grad, low, high, offsets, upsample_first=upsample_first)
-    grad_low, grad_high = align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=upsample_first)
+    sources = align_fa_sources_fixed_point if path == "fixed_point" else align_fa_backward_deterministic
+    grad_low, grad_high = sources(grad, low, high, offsets, upsample_first=upsample_first)
     return grad_low, grad_high, grad_offsets
 
 

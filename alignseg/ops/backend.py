@@ -15,14 +15,14 @@ The choice comes from the environment variable ``ALIGNSEG_BACKEND``, or from
 The Triton backward of ``align_fa`` has three paths, chosen by ``ALIGNSEG_BACKWARD`` or
 :func:`set_backward` / :func:`use_backward`: ``atomic`` scatters the source gradients with float atomic
 adds (the fastest measured: bench/results/h200-2026-11-27; not bit-reproducible on a GPU),
-``fixed_point`` scatters them as 64-bit fixed-point integers (:mod:`alignseg.kernels.fixed_point`:
-integer addition does not depend on the order, so the result is bitwise reproducible), ``gather``
-computes them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather` (reproducible,
-measured 7.3x slower than ``atomic``). ``auto`` (default): ``atomic``, and under
-``torch.use_deterministic_algorithms(True)`` ``fixed_point`` (``gather`` for float64, whose precision the
-fixed point does not keep; :func:`resolve_backward`). ``align_cm``'s backward is deterministic on its own
-(no switch). Only a forced ``atomic`` path under ``torch.use_deterministic_algorithms(True)`` warns or
-raises, like PyTorch's own nondeterministic ops (:func:`alert_nondeterministic`).
+``gather`` computes them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather`
+(bitwise reproducible; measured 7.3x slower than ``atomic``), ``fixed_point`` scatters them as 64-bit
+fixed-point integers (:mod:`alignseg.kernels.fixed_point`: integer addition does not depend on the order,
+so the result is bitwise reproducible too; not yet run on a GPU, so not yet a default). ``auto`` (default)
+takes ``atomic``, and ``gather`` under ``torch.use_deterministic_algorithms(True)`` (:func:`resolve_backward`).
+``align_cm``'s backward is deterministic on its own (no switch). Only a forced ``atomic`` path under
+``torch.use_deterministic_algorithms(True)`` warns or raises, like PyTorch's own nondeterministic ops
+(:func:`alert_nondeterministic`).
 
 The decision is plain Python on values that do not change inside a compiled region, so
 ``torch.compile`` specialises on it without a graph break.
@@ -77,9 +77,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 # The align_fa backward's source gradients: "auto" (see resolve_backward), "atomic" (the per-pixel kernel
-# scatters them with float atomics), "fixed_point" (the same kernel, int64 fixed-point atomics: deterministic)
-# or "gather" (deterministic gathers). The gathers move the fewest DRAM bytes by the model of bench/README.md,
-# but their window loop made them the slowest path on an H200 (bench/results/h200-2026-11-27).
+# scatters them with float atomics), "fixed_point" (a scatter-only kernel with int64 fixed-point atomics:
+# deterministic) or "gather" (deterministic gathers). The gathers move the fewest DRAM bytes by the model of
+# bench/README.md, but their window loop made them the slowest path on an H200 (bench/results/h200-2026-11-27).
 BACKWARD_PATHS = ("auto", "atomic", "fixed_point", "gather")
 
 _backward_override: str | None = None
@@ -100,15 +100,15 @@ def get_backward() -> str:
     return _check_backward_path(os.environ.get("ALIGNSEG_BACKWARD", "auto"))
 
 
-def resolve_backward(dtype: torch.dtype = torch.float32) -> str:
-    """The path the align_fa backward takes now for inputs of ``dtype``: "auto" becomes "atomic", or in
-    deterministic mode "fixed_point" ("gather" for float64: 64-bit fixed point is coarser than float64)."""
+def resolve_backward() -> str:
+    """The path the align_fa backward takes now: "auto" becomes "atomic", or "gather" in deterministic mode.
+
+    ("fixed_point" is the candidate to replace "gather" there once a GPU has measured it: see bench/README.md.)
+    """
     requested = get_backward()
     if requested != "auto":
         return requested
-    if not torch.are_deterministic_algorithms_enabled():
-        return "atomic"
-    return "gather" if dtype == torch.float64 else "fixed_point"
+    return "gather" if torch.are_deterministic_algorithms_enabled() else "atomic"
 
 
 def set_backward(name: str | None) -> None:
