@@ -73,26 +73,20 @@ def run(dtype_names, layout_names) -> int:
 
             report("align_fa backward, today (atomic)", lambda: align_fa_backward(grad, low, high, offsets),
                    model["today"], model["minimum"])
+            # The two deterministic ways to the source gradients (the offsets' gradient is the same kernel for both).
+            deterministic = (("gathers", align_fa_backward_deterministic, model["gathers"]),
+                             ("fixed point", align_fa_sources_fixed_point, model["fixed_point"]))
             for first in (True, False):
-                def fn(first=first):
-                    return align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=first)
+                for label, sources, nbytes in deterministic:
+                    def fn(first=first, sources=sources):
+                        return sources(grad, low, high, offsets, upsample_first=first)
 
-                report(f"gathers grad_low+grad_high ({'upsample-first' if first else 'one-step'})", fn,
-                       model["gathers"], model["minimum"] - model["per_pixel"])
-                a, b = fn(), fn()
-                if not all(torch.equal(x, y) for x, y in zip(a, b)):
-                    print(f"  NOT BITWISE REPRODUCIBLE: gathers, upsample_first={first}")
-                    failures += 1
-
-                def fixed(first=first):
-                    return align_fa_sources_fixed_point(grad, low, high, offsets, upsample_first=first)
-
-                report(f"fixed point grad_low+grad_high ({'upsample-first' if first else 'one-step'})", fixed,
-                       model["fixed_point"], model["minimum"] - model["per_pixel"])
-                a, b = fixed(), fixed()
-                if not all(torch.equal(x, y) for x, y in zip(a, b)):
-                    print(f"  NOT BITWISE REPRODUCIBLE: fixed point, upsample_first={first}")
-                    failures += 1
+                    report(f"{label} grad_low+grad_high ({'upsample-first' if first else 'one-step'})", fn,
+                           nbytes, model["minimum"] - model["per_pixel"])
+                    a, b = fn(), fn()
+                    if not all(torch.equal(x, y) for x, y in zip(a, b)):
+                        print(f"  NOT BITWISE REPRODUCIBLE: {label}, upsample_first={first}")
+                        failures += 1
             if dname == dtype_names[0] and lname == layout_names[0]:
                 # The gathers' window grows with the largest offset ((2R + 2)^2 candidates per cell): the same
                 # pass at smaller offsets shows how much of its time the window costs (the bytes do not change).
