@@ -25,9 +25,8 @@ import triton.language as tl
 
 from .launch import KernelLaunch, interpreting
 
-# Scatter modes of the backward kernels (constexpr SCATTER / SCATTER_SOURCES): none, float atomics into an
-# fp32/fp64 buffer, fixed-point int64 atomics with flags (this module).
-SCATTER_NONE = tl.constexpr(0)
+# Scatter modes of scatter_tile / scatter_add (constexpr SCATTER): float atomics into an fp32/fp64 buffer, or
+# fixed-point int64 atomics with flags (this module).
 SCATTER_FLOAT = tl.constexpr(1)
 SCATTER_FIXED = tl.constexpr(2)
 

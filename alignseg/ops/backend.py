@@ -38,42 +38,56 @@ from collections.abc import Iterator
 
 import torch
 
+
+class _Setting:
+    """A choice read from an environment variable, which :meth:`set` / :meth:`use` override for the process."""
+
+    def __init__(self, what: str, variable: str, choices: tuple[str, ...]):
+        self.what, self.variable, self.choices = what, variable, choices
+        self.override: str | None = None
+
+    def check(self, name: str) -> str:
+        name = name.strip().lower()
+        if name not in self.choices:
+            raise ValueError(f"{self.what} must be one of {self.choices}, got {name!r}")
+        return name
+
+    def get(self) -> str:
+        if self.override is not None:
+            return self.override
+        return self.check(os.environ.get(self.variable, "auto"))
+
+    def set(self, name: str | None) -> None:
+        self.override = None if name is None else self.check(name)
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        previous = self.override
+        self.set(name)
+        try:
+            yield
+        finally:
+            self.override = previous
+
+
 BACKENDS = ("auto", "triton", "grid_sample", "reference")
 EAGER_BACKENDS = ("grid_sample", "reference")  # the formulations selectable besides the kernels
-
-_override: str | None = None
-
-
-def _check_name(name: str) -> str:
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name
+_BACKEND = _Setting("backend", "ALIGNSEG_BACKEND", BACKENDS)
 
 
 def get_backend() -> str:
     """The requested backend name: the :func:`set_backend` override, else ``ALIGNSEG_BACKEND``."""
-    if _override is not None:
-        return _override
-    return _check_name(os.environ.get("ALIGNSEG_BACKEND", "auto"))
+    return _BACKEND.get()
 
 
 def set_backend(name: str | None) -> None:
     """Override ``ALIGNSEG_BACKEND`` for this process; ``None`` returns to the variable."""
-    global _override
-    _override = None if name is None else _check_name(name)
+    _BACKEND.set(name)
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Run a block on one backend: ``with use_backend("reference"): ...``."""
-    global _override
-    previous = _override
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _override = previous
+    return _BACKEND.use(name)
 
 
 # The align_fa backward's source gradients: "auto" (see resolve_backward), "atomic" (the per-pixel kernel
@@ -81,23 +95,13 @@ def use_backend(name: str) -> Iterator[None]:
 # deterministic) or "gather" (deterministic gathers). The gathers move the fewest DRAM bytes by the model of
 # bench/README.md, but their window loop made them the slowest path on an H200 (bench/results/h200-2026-11-27).
 BACKWARD_PATHS = ("auto", "atomic", "fixed_point", "gather")
-
-_backward_override: str | None = None
-
-
-def _check_backward_path(name: str) -> str:
-    name = name.strip().lower()
-    if name not in BACKWARD_PATHS:
-        raise ValueError(f"backward path must be one of {BACKWARD_PATHS}, got {name!r}")
-    return name
+_BACKWARD = _Setting("backward path", "ALIGNSEG_BACKWARD", BACKWARD_PATHS)
 
 
 def get_backward() -> str:
     """The requested align_fa backward path: the :func:`set_backward` override, else ``ALIGNSEG_BACKWARD``
     (default "auto")."""
-    if _backward_override is not None:
-        return _backward_override
-    return _check_backward_path(os.environ.get("ALIGNSEG_BACKWARD", "auto"))
+    return _BACKWARD.get()
 
 
 def resolve_backward() -> str:
@@ -114,20 +118,12 @@ def resolve_backward() -> str:
 def set_backward(name: str | None) -> None:
     """Override ``ALIGNSEG_BACKWARD`` for this process (one of :data:`BACKWARD_PATHS`); ``None`` returns to the
     variable."""
-    global _backward_override
-    _backward_override = None if name is None else _check_backward_path(name)
+    _BACKWARD.set(name)
 
 
-@contextlib.contextmanager
-def use_backward(name: str) -> Iterator[None]:
+def use_backward(name: str) -> contextlib.AbstractContextManager[None]:
     """Run a block with one align_fa backward path: ``with use_backward("atomic"): ...``."""
-    global _backward_override
-    previous = _backward_override
-    set_backward(name)
-    try:
-        yield
-    finally:
-        _backward_override = previous
+    return _BACKWARD.use(name)
 
 
 # Looked up once, without importing triton (slow, and optional): a plain module constant is also
