@@ -153,6 +153,21 @@ def test_default_path_is_atomic_outside_deterministic_mode_and_every_path_stays_
         torch.testing.assert_close(c, b, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("first_axis_wins_ties", [True, False], ids=["pixels_first", "pixels_last"])
+@pytest.mark.parametrize("path", ["atomic", "gather", "fixed_point"])
+@pytest.mark.parametrize("upsample_first", [True, False])
+def test_every_path_in_both_tile_orientations(upsample_first, path, first_axis_wins_ties, launches, monkeypatch):
+    # A contiguous map's tiles are [pixels, channels] or [channels, pixels] by the installed Triton's layout rule
+    # (launch.pixels_last); CI's two Triton versions take one each, and both must be right wherever they run.
+    from alignseg.kernels import launch
+
+    needs_kernels()
+    monkeypatch.setattr(launch, "FIRST_AXIS_WINS_TIES", first_axis_wins_ties)
+    with use_backward(path):
+        check_against_reference(*make_inputs(9, 7, 5, 4), upsample_first)
+    assert launches == {"atomic": ATOMIC_PATH, "gather": GATHER_PATH, "fixed_point": FIXED_POINT_PATH}[path]
+
+
 def test_backward_path_names_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="backward path must be one of"):
         set_backward("scatter")

@@ -39,7 +39,7 @@ import sys
 
 import pytest
 
-from alignseg.kernels.report import MIN_TRITON, SHAPES, SPILLED
+from alignseg.kernels.report import MIN_TRITON, SHAPES, SPILLED, KernelReport, warps_follow_the_layout
 from alignseg.ops.backend import triton_available
 
 KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step", "align_fa_backward_one_step",
@@ -107,3 +107,15 @@ def test_every_kernel_dtype_layout_and_edge_shape_compiles_for_sm80_and_sm90_wit
                           "tuning them is open", strict=False)
 def test_deterministic_backward_kernels_compile_without_spills(compiled_rows):
     assert not spills(compiled_rows, GATHER_KERNELS), f"register spills: {spills(compiled_rows, GATHER_KERNELS)}"
+
+
+def test_warps_run_along_the_adjacent_addresses_of_each_layout(compiled_rows):
+    # Neighbouring pixels for contiguous maps, a pixel's channels for channels_last ones (the report reads what a
+    # warp instruction covers from each kernel's layouts; launch.pixels_last orients the tiles for the installed
+    # Triton).
+    example = [KernelReport(**r) for r in compiled_rows if r["shape"] == "example"]
+    wrong = [(r.kernel, r.dtype, r.layout, r.arch, r.pixel_span, r.channel_span)
+             for r in example if not warps_follow_the_layout(r)]
+    assert not wrong, f"(kernel, dtype, layout, sm, pixel span, channel span) off the adjacent addresses: {wrong}"
+    assert any(r.layout == "contiguous" and r.pixel_span >= 16 for r in example)
+

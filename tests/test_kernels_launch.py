@@ -1,7 +1,9 @@
-"""Launch mechanics the interpreter cannot show: the CUDA device guard and 64-bit channel offsets."""
+"""Launch mechanics the interpreter cannot show: the CUDA device guard, 64-bit channel offsets, and the tiles'
+orientation against the installed compiler's layouts."""
 
 import contextlib
 import inspect
+import os
 import re
 
 import pytest
@@ -130,3 +132,37 @@ def test_kernels_read_no_plain_globals():
                     continue
                 assert isinstance(value, tl.constexpr), (
                     f"{module.__name__}.{attr} reads the global {used} = {value!r}: make it a tl.constexpr")
+
+
+def test_tile_orientation_follows_the_installed_triton():
+    # Which axis of a gathered tile the compiler lays across a warp's lanes changed between Triton versions
+    # (alignseg/kernels/layout_probe.py); launch.FIRST_AXIS_WINS_TIES is a version rule, and this compiles the probe
+    # ahead of time (no GPU) to check the rule against the installed compiler. In a subprocess: the compiler needs
+    # the kernels imported without TRITON_INTERPRET=1.
+    import subprocess
+    import sys
+
+    from alignseg.kernels import launch
+    from alignseg.kernels.report import MIN_TRITON
+
+    if launch.triton_version() < MIN_TRITON:
+        pytest.skip("the ahead-of-time compile needs triton >= 3.3")
+    code = "from alignseg.kernels.report import first_axis_wins_ties; print(first_axis_wins_ties())"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="0"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == str(launch.FIRST_AXIS_WINS_TIES), (
+        f"triton {launch.triton_version()} breaks ties toward the {'first' if 'True' in result.stdout else 'last'} "
+        "axis: update FIRST_AXIS_WINS_TIES in alignseg/kernels/launch.py")
+
+
+def test_contiguous_maps_put_pixels_on_the_axis_the_compiler_lays_fastest(monkeypatch):
+    from alignseg.kernels import launch
+
+    nchw = torch.empty(2, 8, 5, 7)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    for first_axis_wins in (True, False):
+        monkeypatch.setattr(launch, "FIRST_AXIS_WINS_TIES", first_axis_wins)
+        assert launch.pixels_last(nchw) is (not first_axis_wins)
+        assert launch.pixels_last(nhwc) is False  # channels provably contiguous: lanes there in every version
+        assert launch.pixels_last(nchw[:, :1]) is (not first_axis_wins)  # one channel: only pixels to follow

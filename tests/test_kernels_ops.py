@@ -98,6 +98,19 @@ def test_kernels_match_reference_fp32(op, shape, layout):
     assert_matches_reference(op, op.inputs(*shape, layout=layout))
 
 
+@pytest.mark.parametrize("first_axis_wins_ties", [True, False], ids=["pixels_first", "pixels_last"])
+@pytest.mark.parametrize("op", OPS)
+def test_contiguous_maps_match_reference_in_both_tile_orientations(op, first_axis_wins_ties, monkeypatch):
+    # A contiguous map's tiles are [pixels, channels] or [channels, pixels] by the installed Triton's layout rule
+    # (launch.pixels_last): check both here. Shapes: two channel blocks of the interpreter's config, two pixel
+    # blocks, and (align_cm) a context of 90 cells, past MAX_REDUCED_CELLS (the gather transpose).
+    from alignseg.kernels import launch
+
+    monkeypatch.setattr(launch, "FIRST_AXIS_WINS_TIES", first_axis_wins_ties)
+    for shape in [(1, 130, 3, 4, 3, 3), (1, 2, 33, 40, 5, 5), (2, 3, 7, 9, 9, 10)]:
+        assert_matches_reference(op, op.inputs(*shape))
+
+
 @pytest.mark.parametrize("regime", ["zero", "far-outside", "non-finite"])
 @pytest.mark.parametrize("op", OPS)
 def test_kernels_offset_regimes(op, regime):

@@ -33,6 +33,8 @@ from .bilinear import (
     sample_tile,
     source_coordinate,
     tap_gradients,
+    tile_mask,
+    tile_pointers,
 )
 from .launch import (
     MAX_REDUCED_CELLS,
@@ -44,6 +46,7 @@ from .launch import (
     check_index_range,
     interpreting,
     launch_config,
+    pixels_last,
     strides,
 )
 from .launch import (
@@ -68,12 +71,13 @@ def align_cm_forward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = channels < C
-    mask = mask_p[:, None] & mask_c[None, :]
+    mask = tile_mask(mask_p, mask_c, PIXELS_LAST)
 
     shift_ptr = offsets_ptr + n * off_stride_n
     shift_at = rows * off_stride_h + cols * off_stride_w
@@ -82,13 +86,13 @@ def align_cm_forward_kernel(
     y0, fy = source_coordinate(rows.to(ACC_DTYPE), load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                align_corners_scale(k1, H, scale_y, ACC_DTYPE), k1)
     acc = sample_tile(context_ptr + n * ctx_stride_n, channels, ctx_stride_c, ctx_stride_h, ctx_stride_w,
-                      x0, y0, fx, fy, k1, k2, mask_p, mask_c)
+                      x0, y0, fx, fy, k1, k2, mask_p, mask_c, PIXELS_LAST)
 
-    local_ptrs = (local_ptr + n * loc_stride_n + (rows * loc_stride_h + cols * loc_stride_w)[:, None]
-                  + channels[None, :] * loc_stride_c)
+    local_ptrs = tile_pointers(local_ptr + n * loc_stride_n, rows * loc_stride_h + cols * loc_stride_w,
+                               channels * loc_stride_c, PIXELS_LAST)
     acc += tl.load(local_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
-    out_ptrs = (out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None]
-                + channels[None, :] * out_stride_c)
+    out_ptrs = tile_pointers(out_ptr + n * out_stride_n, rows * out_stride_h + cols * out_stride_w,
+                             channels * out_stride_c, PIXELS_LAST)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -133,6 +137,7 @@ def align_cm_backward_kernel(
     REDUCE_CELLS: tl.constexpr,
     SCATTER: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     sx = align_corners_scale(k2, W, scale_x, ACC_DTYPE)
@@ -142,7 +147,7 @@ def align_cm_backward_kernel(
         cells = tl.arange(0, CELLS)
         mask_cells = cells < k1 * k2
         # this program's slot: partial[n, program, cell, c], cells x C contiguous
-        slot_at = grad_context_ptr + (n * tl.num_programs(0) + tl.program_id(0)) * (k1 * k2) * C + (cells * C)[:, None]
+        slot_at = grad_context_ptr + (n * tl.num_programs(0) + tl.program_id(0)) * (k1 * k2) * C
     scatter_at = grad_context_ptr + n * gc_stride_n
     first_block = tl.program_id(0) * BLOCKS_PER_PROGRAM
     last_block = tl.minimum(first_block + BLOCKS_PER_PROGRAM, tl.cdiv(H * W, BLOCK_P))
@@ -155,29 +160,37 @@ def align_cm_backward_kernel(
         y0, fy = source_coordinate(rows.to(ACC_DTYPE),
                                    load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE), sy, k1)
         if REDUCE_CELLS:
-            weights_t = tl.trans(cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS))
+            weights = cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS)  # [BLOCK_P, CELLS]
+            if not PIXELS_LAST:
+                weights = tl.trans(weights)
             # the slot's previous values were stored by other threads of this program
             tl.debug_barrier()
 
-        grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+        grad_at = grad_ptr + n * grad_stride_n
+        grad_pixel_at = rows * grad_stride_h + cols * grad_stride_w
         dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
         dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
         for c_start in range(0, C, BLOCK_C):
             channels = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
             mask_c = channels < C
-            grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :],
-                           other=0.0)
+            grad = tl.load(tile_pointers(grad_at, grad_pixel_at, channels * grad_stride_c, PIXELS_LAST),
+                           mask=tile_mask(mask_p, mask_c, PIXELS_LAST), other=0.0)
             grad = grad.to(ACC_DTYPE)
             block_dfx, block_dfy = tap_gradients(context_at, scatter_at, grad, channels,
                                                  ctx_stride_c, ctx_stride_h, ctx_stride_w,
                                                  gc_stride_c, gc_stride_h, gc_stride_w,
-                                                 x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=SCATTER)
+                                                 x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=SCATTER,
+                                                 PIXELS_LAST=PIXELS_LAST)
             dfx += block_dfx
             dfy += block_dfy
             if REDUCE_CELLS:
-                per_cell = tl.dot(weights_t, grad, input_precision="ieee", out_dtype=ACC_DTYPE)
-                slot_ptrs = slot_at + channels[None, :]
-                slot_mask = mask_cells[:, None] & mask_c[None, :]
+                # the cells play the pixels' part: [CELLS, BLOCK_C], or [BLOCK_C, CELLS] with PIXELS_LAST
+                if PIXELS_LAST:
+                    per_cell = tl.dot(grad, weights, input_precision="ieee", out_dtype=ACC_DTYPE)
+                else:
+                    per_cell = tl.dot(weights, grad, input_precision="ieee", out_dtype=ACC_DTYPE)
+                slot_ptrs = tile_pointers(slot_at, cells * C, channels, PIXELS_LAST)
+                slot_mask = tile_mask(mask_cells, mask_c, PIXELS_LAST)
                 if block > first_block:
                     per_cell += tl.load(slot_ptrs, mask=slot_mask, other=0.0)
                 tl.store(slot_ptrs, per_cell, mask=slot_mask)
@@ -233,7 +246,8 @@ def plan_align_cm_forward(
         grid=(triton.cdiv(H * W, cfg.block_p), triton.cdiv(c, block_c), n),
         args=(out, context, offsets, local, *strides(out), *strides(context), *strides(offsets), *strides(local),
               c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H)),
-        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(local.dtype)[1]),
+        constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(local.dtype)[1],
+                        PIXELS_LAST=pixels_last(local)),
         num_warps=cfg.num_warps,
     )
     return launch, out
@@ -316,7 +330,7 @@ def plan_align_cm_backward(
             c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H), per_program,
         ),
         constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0,
-                        SCATTER=cells == 0 and scatter, ACC_DTYPE=acc_triton),
+                        SCATTER=cells == 0 and scatter, ACC_DTYPE=acc_triton, PIXELS_LAST=pixels_last(grad)),
         num_warps=cfg.num_warps,
     )
     return launch, (buffer, grad_offsets)

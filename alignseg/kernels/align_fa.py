@@ -7,8 +7,9 @@
 
 ``S``, ``W`` (``S`` of a map as large as the output) and ``U`` are the bilinear rules of
 :mod:`alignseg.kernels.bilinear`. Every feature tensor is addressed through its own (n, c, h, w)
-strides, so one kernel serves contiguous and channels_last maps; channels_last is the fast path (each
-tap reads contiguous channel vectors).
+strides, so one kernel serves contiguous and channels_last maps; the tiles' orientation (``PIXELS_LAST``,
+see :mod:`alignseg.kernels.bilinear`) lets a warp read a channels_last map's channel vectors or a contiguous
+map's neighbouring pixels. channels_last is the fast path (each tap is a contiguous channel vector).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from .bilinear import (
     channel_offset,
     load_shift,
     output_pixels,
+    per_pixel,
     sample_tile,
     scatter_tile,
     source_coordinate,
     tap_gradients,
+    tile_mask,
+    tile_pointers,
     unit_scale,
     upsampled_sample_tile,
     upsampled_tap,
@@ -39,6 +43,7 @@ from .launch import (
     channel_block,
     check_index_range,
     launch_config,
+    pixels_last,
     strides,
 )
 from .launch import align_corners_scale as host_scale
@@ -63,6 +68,7 @@ def align_fa_forward_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
@@ -86,21 +92,21 @@ def align_fa_forward_kernel(
                                sy_warp, warp_h)
     if UPSAMPLE_FIRST:
         acc = upsampled_sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
-                                    x0, y0, fx, fy, H, W, sx_high, sy_high, h, w, mask_p, mask_c)
+                                    x0, y0, fx, fy, H, W, sx_high, sy_high, h, w, mask_p, mask_c, PIXELS_LAST)
     else:
         acc = sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
-                          x0, y0, fx, fy, h, w, mask_p, mask_c)
+                          x0, y0, fx, fy, h, w, mask_p, mask_c, PIXELS_LAST)
 
     x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                unit_scale(W, ACC_DTYPE), W)
     y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                unit_scale(H, ACC_DTYPE), H)
     acc += sample_tile(low_ptr + n * low_stride_n, channels, low_stride_c, low_stride_h, low_stride_w,
-                       x0, y0, fx, fy, H, W, mask_p, mask_c)
+                       x0, y0, fx, fy, H, W, mask_p, mask_c, PIXELS_LAST)
 
-    out_ptrs = (out_ptr + n * out_stride_n + (rows * out_stride_h + cols * out_stride_w)[:, None]
-                + channels[None, :] * out_stride_c)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    out_ptrs = tile_pointers(out_ptr + n * out_stride_n, rows * out_stride_h + cols * out_stride_w,
+                             channels * out_stride_c, PIXELS_LAST)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask(mask_p, mask_c, PIXELS_LAST))
 
 
 # d out / d offset = scale * sum over c and taps of grad[c] * d(w_t)/d(frac) * src[c, t]: a sum over
@@ -133,6 +139,7 @@ def align_fa_backward_kernel(
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
     SCATTER_SOURCES: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
@@ -158,7 +165,8 @@ def align_fa_backward_kernel(
     ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                  sy_low, H)
 
-    grad_at = grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
+    grad_at = grad_ptr + n * grad_stride_n
+    grad_pixel_at = rows * grad_stride_h + cols * grad_stride_w
     high_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
     high_dfy = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
     low_dfx = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
@@ -166,23 +174,26 @@ def align_fa_backward_kernel(
     for c_start in range(0, C, BLOCK_C):
         channels = c_start + tl.arange(0, BLOCK_C).to(tl.int64)
         mask_c = channels < C
-        grad = tl.load(grad_at + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+        grad = tl.load(tile_pointers(grad_at, grad_pixel_at, channels * grad_stride_c, PIXELS_LAST),
+                       mask=tile_mask(mask_p, mask_c, PIXELS_LAST), other=0.0)
         grad = grad.to(ACC_DTYPE)
         if UPSAMPLE_FIRST:
             dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad,
                                                channels, high_stride_c, high_stride_h, high_stride_w,
                                                gh_stride_c, gh_stride_h, gh_stride_w,
                                                hx0, hy0, hfx, hfy, H, W, sx_high, sy_high, h, w, mask_p, mask_c,
-                                               SCATTER=SCATTER_SOURCES)
+                                               SCATTER=SCATTER_SOURCES, PIXELS_LAST=PIXELS_LAST)
         else:
             dfx, dfy = tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad, channels,
                                      high_stride_c, high_stride_h, high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
-                                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
+                                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER=SCATTER_SOURCES,
+                                     PIXELS_LAST=PIXELS_LAST)
         high_dfx += dfx
         high_dfy += dfy
         dfx, dfy = tap_gradients(low_ptr + n * low_stride_n, grad_low_ptr + n * gl_stride_n, grad, channels,
                                  low_stride_c, low_stride_h, low_stride_w, gl_stride_c, gl_stride_h, gl_stride_w,
-                                 lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER=SCATTER_SOURCES)
+                                 lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER=SCATTER_SOURCES,
+                                 PIXELS_LAST=PIXELS_LAST)
         low_dfx += dfx
         low_dfy += dfy
 
@@ -219,6 +230,7 @@ def align_fa_scatter_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
@@ -233,8 +245,9 @@ def align_fa_scatter_kernel(
     sx_low = unit_scale(W, ACC_DTYPE)
     sy_low = unit_scale(H, ACC_DTYPE)
     fixed_scale = tl.load(fixed_scale_ptr).to(ACC_DTYPE)
-    grad = tl.load(grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
-                   + channels[None, :] * grad_stride_c, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    grad = tl.load(tile_pointers(grad_ptr + n * grad_stride_n, rows * grad_stride_h + cols * grad_stride_w,
+                                 channels * grad_stride_c, PIXELS_LAST),
+                   mask=tile_mask(mask_p, mask_c, PIXELS_LAST), other=0.0)
     grad = grad.to(ACC_DTYPE)
 
     lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
@@ -242,7 +255,8 @@ def align_fa_scatter_kernel(
     ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                  sy_low, H)
     scatter_tile(sums_low_ptr + n * gl_stride_n, flags_low_ptr + n * gl_stride_n, fixed_scale, grad, channels,
-                 gl_stride_c, gl_stride_h, gl_stride_w, lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER_FIXED)
+                 gl_stride_c, gl_stride_h, gl_stride_w, lx0, ly0, lfx, lfy, H, W, mask_p, mask_c, SCATTER_FIXED,
+                 PIXELS_LAST)
 
     high_at = sums_high_ptr + n * gh_stride_n
     high_flags_at = flags_high_ptr + n * gh_stride_n
@@ -255,16 +269,16 @@ def align_fa_scatter_kernel(
             for DX in tl.static_range(2):
                 weight, _, _, inside, cx0, cy0, cfx, cfy = upsampled_tap(hx0, hy0, hfx, hfy, H, W, sx_high, sy_high,
                                                                          h, w, DX, DY)
-                scatter_tile(high_at, high_flags_at, fixed_scale, grad * weight[:, None], channels,
+                scatter_tile(high_at, high_flags_at, fixed_scale, grad * per_pixel(weight, PIXELS_LAST), channels,
                              gh_stride_c, gh_stride_h, gh_stride_w, cx0, cy0, cfx, cfy, h, w, inside & mask_p, mask_c,
-                             SCATTER_FIXED)
+                             SCATTER_FIXED, PIXELS_LAST)
     else:
         hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                      sx_high, w)
         hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                      sy_high, h)
         scatter_tile(high_at, high_flags_at, fixed_scale, grad, channels, gh_stride_c, gh_stride_h, gh_stride_w,
-                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER_FIXED)
+                     hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER_FIXED, PIXELS_LAST)
 
 
 def plan_align_fa_forward(
@@ -292,7 +306,7 @@ def plan_align_fa_forward(
         args=(out, low, high, offsets, *strides(out), *strides(low), *strides(high), *strides(offsets), c, H, W, h, w,
               host_scale(w, W), host_scale(h, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1],
-                        UPSAMPLE_FIRST=bool(upsample_first)),
+                        UPSAMPLE_FIRST=bool(upsample_first), PIXELS_LAST=pixels_last(low)),
         num_warps=cfg.num_warps,
     )
     return launch, out
@@ -352,7 +366,8 @@ def plan_align_fa_backward(
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=bool(scatter_sources)),
+                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=bool(scatter_sources),
+                        PIXELS_LAST=pixels_last(low)),
         num_warps=cfg.num_warps,
     )
     return launch, (grad_low, grad_high, grad_offsets)
@@ -417,7 +432,7 @@ def plan_align_fa_fixed_point_scatter(
               *strides(sums_low), *strides(sums_high), *strides(grad), *strides(offsets),
               c, H, W, h, w, host_scale(w, W), host_scale(h, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first)),
+                        UPSAMPLE_FIRST=bool(upsample_first), PIXELS_LAST=pixels_last(low)),
         num_warps=cfg.num_warps,
     )
     return launch, (sums_low, flags_low, sums_high, flags_high, scale)

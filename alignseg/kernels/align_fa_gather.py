@@ -51,8 +51,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .bilinear import align_corners_scale, channel_offset, output_pixels, source_coordinate, unit_scale
-from .launch import KernelLaunch, accumulation_dtype, check_index_range, interpreting, strides
+from .bilinear import (
+    align_corners_scale,
+    channel_offset,
+    output_pixels,
+    per_pixel,
+    scatter_tile,
+    source_coordinate,
+    tile_mask,
+    tile_offsets,
+    tile_pointers,
+    unit_scale,
+)
+from .fixed_point import SCATTER_FLOAT
+from .launch import (
+    KernelLaunch,
+    accumulation_dtype,
+    check_index_range,
+    contiguous_channels,
+    interpreting,
+    pixels_last,
+    strides,
+)
 from .launch import align_corners_scale as host_scale
 
 DIRECT = 0
@@ -71,7 +91,7 @@ class GatherConfig:
 
 
 # channels_last: each pixel is a contiguous channel vector, square tiles reuse gradient rows from L1.
-# contiguous (NCHW): pixels are the fastest axis of the tile (the lanes of a warp run along W), so tiles
+# contiguous (NCHW): the lanes of a warp run along W (launch.pixels_last orients the tile so), so tiles
 # are wide along W. 8 warps: 16 accumulator elements per thread, 72-128 registers at sm_90 (no spills),
 # two programs per SM (see bench/README.md, "Backward: bytes moved").
 # fp64 (two registers per element): 8x8 tiles of 64 channels at 8 warps reached ptxas's 255 registers with a
@@ -87,16 +107,12 @@ INTERPRETER_GATHER_CONFIG = GatherConfig(tile_h=16, tile_w=32, max_block_c=128, 
 WINDOW_BLOCK_P = 256  # pixels per program of the window reduction
 
 
-def channels_last_layout(t: torch.Tensor) -> bool:
-    return t.stride(1) == 1 and t.shape[1] > 1
-
-
 def gather_config(t: torch.Tensor, config: GatherConfig | None = None) -> GatherConfig:
     if config is not None:
         return config
     if interpreting():
         return INTERPRETER_GATHER_CONFIG
-    layout = "channels_last" if channels_last_layout(t) else "contiguous"
+    layout = "channels_last" if contiguous_channels(t) else "contiguous"
     return GATHER_CONFIGS.get((layout, t.dtype), GATHER_CONFIGS[layout])
 
 
@@ -207,32 +223,6 @@ def window_bounds(window_ptr, d_min_y, d_max_y, d_min_x, d_max_x, ON_DEVICE: tl.
 
 
 @triton.jit
-def per_pixel(values, PIXELS_FASTEST: tl.constexpr):
-    """A [TILE] vector broadcast along the channel axis of the tile, in the tile's orientation."""
-    if PIXELS_FASTEST:
-        return values[None, :]
-    else:
-        return values[:, None]
-
-
-@triton.jit
-def tile_offsets(pixel_offsets, channel_offsets, PIXELS_FASTEST: tl.constexpr):
-    """Element offsets of a tile: [BLOCK_C, TILE] with pixels fastest (NCHW), else [TILE, BLOCK_C]."""
-    if PIXELS_FASTEST:
-        return channel_offsets[:, None] + pixel_offsets[None, :]
-    else:
-        return pixel_offsets[:, None] + channel_offsets[None, :]
-
-
-@triton.jit
-def tile_mask(pixel_mask, channel_mask, PIXELS_FASTEST: tl.constexpr):
-    if PIXELS_FASTEST:
-        return channel_mask[:, None] & pixel_mask[None, :]
-    else:
-        return pixel_mask[:, None] & channel_mask[None, :]
-
-
-@triton.jit
 def gather_tile(
     out_at,  # the source gradient of batch row n
     grad_at,  # the output gradient of batch row n
@@ -248,14 +238,14 @@ def gather_tile(
     dy_min, dy_max, dx_min, dx_max,
     MODE: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
-    PIXELS_FASTEST: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """grad_src[t] = sum over q = home(t) + (ky, kx) in the window and their taps hitting t, stored once."""
     TILE: tl.constexpr = ty.shape[0]
     BLOCK_C: tl.constexpr = channels.shape[0]
     channel_at = channels * grad_stride_c
-    if PIXELS_FASTEST:
+    if PIXELS_LAST:
         acc = tl.zeros((BLOCK_C, TILE), dtype=ACC_DTYPE)
     else:
         acc = tl.zeros((TILE, BLOCK_C), dtype=ACC_DTYPE)
@@ -281,12 +271,12 @@ def gather_tile(
             hit = valid & hy & hx
             # a displacement that hits no cell of the tile loads no gradient
             if tl.max(hit.to(tl.int32), axis=0) > 0:
-                ptrs = grad_at + tile_offsets(qi * grad_stride_h + qj * grad_stride_w, channel_at, PIXELS_FASTEST)
-                g = tl.load(ptrs, mask=tile_mask(hit, mask_c, PIXELS_FASTEST), other=0.0).to(ACC_DTYPE)
-                acc += per_pixel(wy * wx, PIXELS_FASTEST) * g
+                ptrs = grad_at + tile_offsets(qi * grad_stride_h + qj * grad_stride_w, channel_at, PIXELS_LAST)
+                g = tl.load(ptrs, mask=tile_mask(hit, mask_c, PIXELS_LAST), other=0.0).to(ACC_DTYPE)
+                acc += per_pixel(wy * wx, PIXELS_LAST) * g
     ptrs = out_at + tile_offsets(ty.to(tl.int64) * out_stride_h + tx.to(tl.int64) * out_stride_w,
-                                 channels * out_stride_c, PIXELS_FASTEST)
-    tl.store(ptrs, acc.to(out_at.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_FASTEST))
+                                 channels * out_stride_c, PIXELS_LAST)
+    tl.store(ptrs, acc.to(out_at.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_LAST))
 
 
 # grad_src[n, c, t] = sum over output pixels q and taps k with tap_k(q) == t of w_k(q) * grad[n, c, q], for
@@ -310,7 +300,7 @@ def sampling_transpose_kernel(
     MODE: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
     SAME_SIZE: tl.constexpr,  # th == H and tw == W: home() is the identity (and provably contiguous)
-    PIXELS_FASTEST: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
     WINDOW_ON_DEVICE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
@@ -335,7 +325,7 @@ def sampling_transpose_kernel(
                 out_stride_c, out_stride_h, out_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
                 off_stride_c, off_stride_h, off_stride_w,
                 ty, tx, (ty < th) & (tx < tw), home_y, home_x, channels, channels < C,
-                H, W, th, tw, sx, sy, dy_min, dy_max, dx_min, dx_max, MODE, HAS_OFFSETS, PIXELS_FASTEST, ACC_DTYPE)
+                H, W, th, tw, sx, sy, dy_min, dy_max, dx_min, dx_max, MODE, HAS_OFFSETS, PIXELS_LAST, ACC_DTYPE)
 
 
 # Both source gradients of AlignFA in one pass over the output gradient: a program gathers grad_low for
@@ -361,7 +351,7 @@ def align_fa_gather_kernel(
     TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HIGH_MODE: tl.constexpr,
-    PIXELS_FASTEST: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
     WINDOW_ON_DEVICE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
@@ -387,7 +377,7 @@ def align_fa_gather_kernel(
                 off_stride_c, off_stride_h, off_stride_w,
                 ty, tx, (ty < H) & (tx < W), ty.to(tl.int64), tx.to(tl.int64), channels, mask_c,
                 H, W, H, W, unit_scale(W, ACC_DTYPE), unit_scale(H, ACC_DTYPE),
-                low_dy_min, low_dy_max, low_dx_min, low_dx_max, 0, True, PIXELS_FASTEST, ACC_DTYPE)
+                low_dy_min, low_dy_max, low_dx_min, low_dx_max, 0, True, PIXELS_LAST, ACC_DTYPE)
 
     # the coarse cells a with home(a) in [i0, i0 + TILE_H) (likewise columns): from ceil(i0 (h - 1) / (H - 1))
     cy = tl.cdiv(i0 * (h - 1), tl.maximum(H - 1, 1)) + r // TILE_W
@@ -402,7 +392,7 @@ def align_fa_gather_kernel(
                 cy, cx, owned, home_y, home_x, channels, mask_c,
                 H, W, h, w,
                 align_corners_scale(w, W, high_scale_x, ACC_DTYPE), align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
-                high_dy_min, high_dy_max, high_dx_min, high_dx_max, HIGH_MODE, True, PIXELS_FASTEST, ACC_DTYPE)
+                high_dy_min, high_dy_max, high_dx_min, high_dx_max, HIGH_MODE, True, PIXELS_LAST, ACC_DTYPE)
 
 
 # The nondeterministic fallback for wide windows (DIRECT form only): every output pixel scatters
@@ -420,6 +410,7 @@ def scatter_transpose_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
@@ -430,26 +421,11 @@ def scatter_transpose_kernel(
     dy = tl.load(at + off_stride_c, mask=mask_p, other=0.0).to(ACC_DTYPE)
     x0, fx = source_coordinate(cols.to(ACC_DTYPE), dx, tl.cast(scale_x, ACC_DTYPE), tw)
     y0, fy = source_coordinate(rows.to(ACC_DTYPE), dy, tl.cast(scale_y, ACC_DTYPE), th)
-    g_ptrs = (grad_ptr + n * grad_stride_n + (rows * grad_stride_h + cols * grad_stride_w)[:, None]
-              + channels[None, :] * grad_stride_c)
-    g = tl.load(g_ptrs, mask=mask_p[:, None] & mask_c[None, :], other=0.0).to(ACC_DTYPE)
-    for DY in tl.static_range(2):
-        for DX in tl.static_range(2):
-            xx = x0 + DX
-            yy = y0 + DY
-            if DX == 1:
-                wx = fx
-            else:
-                wx = 1.0 - fx
-            if DY == 1:
-                wy = fy
-            else:
-                wy = 1.0 - fy
-            inside = (xx >= 0) & (xx < tw) & (yy >= 0) & (yy < th) & mask_p
-            b_ptrs = (buffer_ptr + n * buf_stride_n
-                      + (yy.to(tl.int64) * buf_stride_h + xx.to(tl.int64) * buf_stride_w)[:, None]
-                      + channels[None, :] * buf_stride_c)
-            tl.atomic_add(b_ptrs, g * (wx * wy)[:, None], mask=inside[:, None] & mask_c[None, :], sem="relaxed")
+    g = tl.load(tile_pointers(grad_ptr + n * grad_stride_n, rows * grad_stride_h + cols * grad_stride_w,
+                              channels * grad_stride_c, PIXELS_LAST),
+                mask=tile_mask(mask_p, mask_c, PIXELS_LAST), other=0.0).to(ACC_DTYPE)
+    scatter_tile(buffer_ptr + n * buf_stride_n, buffer_ptr, 1.0, g, channels, buf_stride_c, buf_stride_h, buf_stride_w,
+                 x0, y0, fx, fy, th, tw, mask_p, mask_c, SCATTER_FLOAT, PIXELS_LAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,7 +524,7 @@ def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Te
               c, H, W, th, tw, sx, sy, *window_ints),
         constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, MODE=mode,
                         HAS_OFFSETS=offsets2 is not None,
-                        SAME_SIZE=(th, tw) == (H, W), PIXELS_FASTEST=not channels_last_layout(grad),
+                        SAME_SIZE=(th, tw) == (H, W), PIXELS_LAST=pixels_last(grad),
                         WINDOW_ON_DEVICE=on_device, ACC_DTYPE=accumulation_dtype(out.dtype)[1]),
         num_warps=cfg.num_warps,
     )
@@ -574,7 +550,8 @@ def plan_scatter_transpose(grad: torch.Tensor, offsets2: torch.Tensor, buffer: t
         scatter_transpose_kernel,
         grid=(triton.cdiv(H * W, block_p), triton.cdiv(c, block_c), n),
         args=(buffer, grad, offsets2, *strides(buffer), *strides(grad), *strides(offsets2), c, H, W, th, tw, sx, sy),
-        constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(buffer.dtype)[1]),
+        constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(buffer.dtype)[1],
+                        PIXELS_LAST=pixels_last(grad)),
         num_warps=8 if wide and not interpreting() else 4,
     )
 
@@ -591,7 +568,7 @@ def _empty_source(grad: torch.Tensor, size: tuple[int, int], dtype: torch.dtype 
                   like: torch.Tensor | None = None) -> torch.Tensor:
     """An uninitialised [N, C, *size] gradient in ``like``'s (else ``grad``'s) layout and dtype."""
     ref = like if like is not None else grad
-    fmt = torch.channels_last if channels_last_layout(ref) and ref.dim() == 4 else torch.contiguous_format
+    fmt = torch.channels_last if contiguous_channels(ref) and ref.dim() == 4 else torch.contiguous_format
     return torch.empty(*grad.shape[:2], *size, dtype=dtype or ref.dtype, device=grad.device, memory_format=fmt)
 
 
@@ -748,7 +725,7 @@ def plan_align_fa_gather(grad: torch.Tensor, offsets: torch.Tensor, grad_low: to
               *strides(grad_low), *strides(grad_high), *strides(grad), *strides(offsets),
               c, H, W, h, w, host_scale(w, W), host_scale(h, H), *low_ints, *high_ints),
         constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, HIGH_MODE=mode_high,
-                        PIXELS_FASTEST=not channels_last_layout(grad), WINDOW_ON_DEVICE=on_device,
+                        PIXELS_LAST=pixels_last(grad), WINDOW_ON_DEVICE=on_device,
                         ACC_DTYPE=accumulation_dtype(grad_low.dtype)[1]),
         num_warps=cfg.num_warps,
     )

@@ -11,6 +11,13 @@ All arithmetic runs in ``ACC_DTYPE`` (fp32, or fp64 for fp64 inputs).
 ``upsampled_sample_tile`` / ``upsampled_tap_gradients`` sample U(src), the align-corners bilinear
 upsampling of a coarse map to the output grid, without building it: each in-range tap of U is
 evaluated from its own four coarse taps (the authors' AlignFA: upsample, then warp).
+
+Tiles of pixels x channels come in two orientations, the constexpr ``PIXELS_LAST``: [BLOCK_P, BLOCK_C] or
+[BLOCK_C, BLOCK_P]. Which axis the lanes of a warp run along is the compiler's choice, and for a tap at a
+learned offset it cannot prove either axis contiguous; the launchers pick the orientation that puts the
+contiguous addresses (a channels_last map's channels, a contiguous map's neighbouring pixels) where the
+installed Triton lays its lanes (:func:`alignseg.kernels.launch.pixels_last`). :func:`tile_offsets`,
+:func:`tile_mask`, :func:`per_pixel`, :func:`zero_tile` and :func:`channel_sum` build and reduce either.
 """
 
 import triton
@@ -81,6 +88,59 @@ def bilinear_tap(x0, y0, fx, fy, h, w, DX: tl.constexpr, DY: tl.constexpr):
 
 
 @triton.jit
+def per_pixel(values, PIXELS_LAST: tl.constexpr):
+    """A per-pixel vector broadcast along the channel axis of a tile, in the tile's orientation."""
+    if PIXELS_LAST:
+        return values[None, :]
+    else:
+        return values[:, None]
+
+
+@triton.jit
+def tile_offsets(pixel_offsets, channel_offsets, PIXELS_LAST: tl.constexpr):
+    """Element offsets of a tile: [BLOCK_C, BLOCK_P] with PIXELS_LAST, else [BLOCK_P, BLOCK_C]."""
+    if PIXELS_LAST:
+        return channel_offsets[:, None] + pixel_offsets[None, :]
+    else:
+        return pixel_offsets[:, None] + channel_offsets[None, :]
+
+
+@triton.jit
+def tile_pointers(base, pixel_offsets, channel_offsets, PIXELS_LAST: tl.constexpr):
+    """``base`` plus :func:`tile_offsets`, the pixel offsets added first (as the kernels were measured)."""
+    if PIXELS_LAST:
+        return base + pixel_offsets[None, :] + channel_offsets[:, None]
+    else:
+        return base + pixel_offsets[:, None] + channel_offsets[None, :]
+
+
+@triton.jit
+def tile_mask(pixel_mask, channel_mask, PIXELS_LAST: tl.constexpr):
+    if PIXELS_LAST:
+        return channel_mask[:, None] & pixel_mask[None, :]
+    else:
+        return pixel_mask[:, None] & channel_mask[None, :]
+
+
+@triton.jit
+def zero_tile(pixels, channels, dtype: tl.constexpr, PIXELS_LAST: tl.constexpr):
+    """A zero tile for the [BLOCK_P] vector ``pixels`` and the [BLOCK_C] vector ``channels``."""
+    if PIXELS_LAST:
+        return tl.zeros((channels.shape[0], pixels.shape[0]), dtype=dtype)
+    else:
+        return tl.zeros((pixels.shape[0], channels.shape[0]), dtype=dtype)
+
+
+@triton.jit
+def channel_sum(tile, PIXELS_LAST: tl.constexpr):
+    """The per-pixel sum over the channels of a tile."""
+    if PIXELS_LAST:
+        return tl.sum(tile, axis=0)
+    else:
+        return tl.sum(tile, axis=1)
+
+
+@triton.jit
 def sample_tile(
     src_ptr,  # source map [h, w] x channels of one batch row per pixel, already offset by n * stride_n
     channels,  # [BLOCK_C] channel indices
@@ -88,16 +148,17 @@ def sample_tile(
     x0, y0, fx, fy,  # [BLOCK_P] tap corners and fractions
     h, w,
     mask_p, mask_c,
+    PIXELS_LAST: tl.constexpr,
 ):
-    """Bilinear sample of a (BLOCK_P, BLOCK_C) tile, accumulated in the fractions' dtype."""
-    acc = tl.zeros((x0.shape[0], channels.shape[0]), dtype=fx.dtype)
+    """Bilinear sample of a pixels x channels tile, accumulated in the fractions' dtype."""
+    acc = zero_tile(fx, channels, fx.dtype, PIXELS_LAST)
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
             xx, yy, weight, _, _, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
-            ptrs = (src_ptr + (yy.to(tl.int64) * stride_h + xx.to(tl.int64) * stride_w)[:, None]
-                    + channels[None, :] * stride_c)
-            tap = tl.load(ptrs, mask=(inside & mask_p)[:, None] & mask_c[None, :], other=0.0)
-            acc += tap.to(fx.dtype) * weight[:, None]
+            ptrs = tile_pointers(src_ptr, yy.to(tl.int64) * stride_h + xx.to(tl.int64) * stride_w,
+                                 channels * stride_c, PIXELS_LAST)
+            tap = tl.load(ptrs, mask=tile_mask(inside & mask_p, mask_c, PIXELS_LAST), other=0.0)
+            acc += tap.to(fx.dtype) * per_pixel(weight, PIXELS_LAST)
     return acc
 
 
@@ -105,7 +166,7 @@ def sample_tile(
 def tap_gradients(
     src_ptr,  # source map of one batch row per pixel, already offset by n * stride_n
     grad_src_ptr,  # fp32/fp64 gradient buffer of the source, same layout rules, offset likewise
-    grad,  # [BLOCK_P, BLOCK_C] incoming gradient tile in ACC_DTYPE (zero where masked)
+    grad,  # incoming gradient tile (pixels x channels, see PIXELS_LAST) in ACC_DTYPE, zero where masked
     channels,
     stride_c, stride_h, stride_w,
     gstride_c, gstride_h, gstride_w,
@@ -113,6 +174,7 @@ def tap_gradients(
     h, w,
     mask_p, mask_c,
     SCATTER: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     """Backward of :func:`sample_tile` for one channel block.
 
@@ -125,17 +187,18 @@ def tap_gradients(
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
             xx, yy, weight, dwx, dwy, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
-            mask = (inside & mask_p)[:, None] & mask_c[None, :]
+            mask = tile_mask(inside & mask_p, mask_c, PIXELS_LAST)
             row = yy.to(tl.int64)
             col = xx.to(tl.int64)
-            ptrs = src_ptr + (row * stride_h + col * stride_w)[:, None] + channels[None, :] * stride_c
+            ptrs = tile_pointers(src_ptr, row * stride_h + col * stride_w, channels * stride_c, PIXELS_LAST)
             tap = tl.load(ptrs, mask=mask, other=0.0).to(fx.dtype)
-            grad_tap = tl.sum(grad * tap, axis=1)
+            grad_tap = channel_sum(grad * tap, PIXELS_LAST)
             dfx += dwx * grad_tap
             dfy += dwy * grad_tap
             if SCATTER:
-                gptrs = grad_src_ptr + (row * gstride_h + col * gstride_w)[:, None] + channels[None, :] * gstride_c
-                tl.atomic_add(gptrs, grad * weight[:, None], mask=mask, sem="relaxed")
+                gptrs = tile_pointers(grad_src_ptr, row * gstride_h + col * gstride_w, channels * gstride_c,
+                                      PIXELS_LAST)
+                tl.atomic_add(gptrs, grad * per_pixel(weight, PIXELS_LAST), mask=mask, sem="relaxed")
     return dfx, dfy
 
 
@@ -144,21 +207,23 @@ def scatter_tile(
     grad_src_ptr,  # gradient buffer of the source, already offset by n * stride_n: fp32/fp64, or int64 sums
     flags_ptr,  # SCATTER_FIXED: int32 flags with the buffer's strides, offset likewise (else unused)
     fixed_scale,  # SCATTER_FIXED: the fixed-point scale (else unused)
-    grad,  # [BLOCK_P, BLOCK_C] gradient of the sampled tile in ACC_DTYPE
+    grad,  # gradient of the sampled tile (pixels x channels, see PIXELS_LAST) in ACC_DTYPE
     channels,
     gstride_c, gstride_h, gstride_w,
     x0, y0, fx, fy,
     h, w,
     mask_p, mask_c,
     SCATTER: tl.constexpr,  # SCATTER_FLOAT or SCATTER_FIXED (fixed_point.py)
+    PIXELS_LAST: tl.constexpr,
 ):
     """Adjoint of :func:`sample_tile` in the source: atomically add grad * weight into each of the four taps."""
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
             xx, yy, weight, _, _, inside = bilinear_tap(x0, y0, fx, fy, h, w, DX, DY)
-            at = (yy.to(tl.int64) * gstride_h + xx.to(tl.int64) * gstride_w)[:, None] + channels[None, :] * gstride_c
-            scatter_add(grad_src_ptr, flags_ptr, at, grad * weight[:, None],
-                        (inside & mask_p)[:, None] & mask_c[None, :], fixed_scale, SCATTER)
+            at = tile_offsets(yy.to(tl.int64) * gstride_h + xx.to(tl.int64) * gstride_w, channels * gstride_c,
+                              PIXELS_LAST)
+            scatter_add(grad_src_ptr, flags_ptr, at, grad * per_pixel(weight, PIXELS_LAST),
+                        tile_mask(inside & mask_p, mask_c, PIXELS_LAST), fixed_scale, SCATTER)
 
 
 @triton.jit
@@ -179,17 +244,18 @@ def upsampled_sample_tile(
     x0, y0, fx, fy,  # [BLOCK_P] tap corners and fractions on the (H, W) grid of U(src)
     H, W, scale_x, scale_y, h, w,  # U's size and its align-corners scales (h-1)/(H-1), (w-1)/(W-1)
     mask_p, mask_c,
+    PIXELS_LAST: tl.constexpr,
 ):
     """Bilinear sample of U(src) at (x0 + fx, y0 + fy): a tap outside U's grid weighs zero, a tap inside is
     U's bilinear value from four coarse taps. Up to 16 coarse loads per pixel; U is never stored."""
-    acc = tl.zeros((x0.shape[0], channels.shape[0]), dtype=fx.dtype)
+    acc = zero_tile(fx, channels, fx.dtype, PIXELS_LAST)
     for DY in tl.static_range(2):
         for DX in tl.static_range(2):
             weight, _, _, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w,
                                                                      DX, DY)
             tap = sample_tile(src_ptr, channels, stride_c, stride_h, stride_w, cx0, cy0, cfx, cfy, h, w,
-                              inside & mask_p, mask_c)
-            acc += tap * weight[:, None]
+                              inside & mask_p, mask_c, PIXELS_LAST)
+            acc += tap * per_pixel(weight, PIXELS_LAST)
     return acc
 
 
@@ -197,7 +263,7 @@ def upsampled_sample_tile(
 def upsampled_tap_gradients(
     src_ptr,  # coarse map of one batch row, already offset by n * stride_n
     grad_src_ptr,  # fp32/fp64 gradient buffer of the coarse map, offset likewise
-    grad,  # [BLOCK_P, BLOCK_C] incoming gradient tile in ACC_DTYPE (zero where masked)
+    grad,  # incoming gradient tile (pixels x channels, see PIXELS_LAST) in ACC_DTYPE, zero where masked
     channels,
     stride_c, stride_h, stride_w,
     gstride_c, gstride_h, gstride_w,
@@ -205,6 +271,7 @@ def upsampled_tap_gradients(
     H, W, scale_x, scale_y, h, w,
     mask_p, mask_c,
     SCATTER: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
 ):
     """Backward of :func:`upsampled_sample_tile` for one channel block, like :func:`tap_gradients`.
 
@@ -219,13 +286,15 @@ def upsampled_tap_gradients(
             weight, dwx, dwy, inside, cx0, cy0, cfx, cfy = upsampled_tap(x0, y0, fx, fy, H, W, scale_x, scale_y, h, w,
                                                                          DX, DY)
             mask = inside & mask_p
-            tap = sample_tile(src_ptr, channels, stride_c, stride_h, stride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c)
-            grad_tap = tl.sum(grad * tap, axis=1)
+            tap = sample_tile(src_ptr, channels, stride_c, stride_h, stride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c,
+                              PIXELS_LAST)
+            grad_tap = channel_sum(grad * tap, PIXELS_LAST)
             dfx += dwx * grad_tap
             dfy += dwy * grad_tap
             if SCATTER:
-                scatter_tile(grad_src_ptr, grad_src_ptr, 1.0, grad * weight[:, None], channels,
-                             gstride_c, gstride_h, gstride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c, SCATTER_FLOAT)
+                scatter_tile(grad_src_ptr, grad_src_ptr, 1.0, grad * per_pixel(weight, PIXELS_LAST), channels,
+                             gstride_c, gstride_h, gstride_w, cx0, cy0, cfx, cfy, h, w, mask, mask_c, SCATTER_FLOAT,
+                             PIXELS_LAST)
     return dfx, dfy
 
 

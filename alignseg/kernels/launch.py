@@ -42,17 +42,22 @@ GPU_CONFIGS: dict[str, LaunchConfig] = {
     "align_fa_scatter": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_fa_scatter_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
 }
-# Contiguous (NCHW) maps: no axis of the tile is provably contiguous, the compiler keeps two layouts
-# of it alive and needs many more registers, so smaller tiles.
+# Contiguous (NCHW) maps, and channels_last ones with C not a multiple of 16: no axis of a tap's tile is provably
+# contiguous (pixels_last orients an NCHW tile so the lanes still run along pixels), the compiler keeps two
+# layouts of a tile alive and needs more registers, so smaller tiles.
 GPU_CONFIGS_CONTIGUOUS: dict[str, LaunchConfig] = {
     "align_fa_forward": LaunchConfig(block_p=32, max_block_c=32, num_warps=4),
-    "align_fa_backward": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    # Once NCHW tiles were oriented per Triton version (pixels_last), 16x32 on 8 left 8-16 B stacks at 64-128
+    # registers under triton 3.9 in the 1-row and 1-column shapes; 32x8 on 8 compiles the whole matrix clean.
+    "align_fa_backward": LaunchConfig(block_p=32, max_block_c=8, num_warps=8),
     "align_fa_forward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
-    # 32x32 on 4 warps: 64x32 on 8 warps spilled 28 B at 80 registers in fp16 at sm_90 (ptxas with triton 3.9's
-    # --regAllocOptLevel=2, its workaround for a ptxas 13 bug; without that option there is no spill).
-    "align_cm_forward": LaunchConfig(block_p=32, max_block_c=32, num_warps=4),
-    "align_cm_backward": LaunchConfig(block_p=32, max_block_c=16, num_warps=4),
+    # 64x32 on 8 warps spilled 28 B at 80 registers in fp16 at sm_90 (ptxas with triton 3.9's
+    # --regAllocOptLevel=2, its workaround for a ptxas 13 bug; without that option there is no spill), and with
+    # oriented tiles 32x32 on 4 spilled 8 B (fp16, sm_80). align_cm_backward: 32x16 on 4 spilled 8 B under 3.9
+    # (1-column maps), 64x16 on 8 24 B under 3.6; 32x32 on 8 takes 177-226 registers under both, no stack.
+    "align_cm_forward": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
+    "align_cm_backward": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
     "align_fa_scatter": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_fa_scatter_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
 }
@@ -67,6 +72,7 @@ GPU_CONFIGS_FLOAT64: dict[str, LaunchConfig] = {
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
 }
 GPU_CONFIGS_CONTIGUOUS_FLOAT64: dict[str, LaunchConfig] = {
+    "align_fa_backward": LaunchConfig(block_p=32, max_block_c=4, num_warps=4),  # 32x8 on 8: 8-24 B stacks
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=8, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=16, max_block_c=16, num_warps=4),
 }
@@ -111,6 +117,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_version() -> tuple[int, int]:
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+# The axis of a 2-D tile that Triton lays fastest across a warp's lanes when neither axis is provably contiguous
+# (a gathered load, an atomic at data-dependent addresses): the first up to triton 3.6, the last from 3.7 on
+# (read from the compiled layouts; tests/test_kernels_compile.py checks it against the installed compiler). An
+# axis the compiler can prove contiguous (a channels_last map's channels) is laid fastest in every version.
+FIRST_AXIS_WINS_TIES = triton_version() < (3, 7)
+
+
+def pixels_last(features: torch.Tensor) -> bool:
+    """The ``PIXELS_LAST`` orientation of the kernels' tiles for ``features``: [BLOCK_C, BLOCK_P] if True, else
+    [BLOCK_P, BLOCK_C].
+
+    The aim is a warp reading neighbouring addresses. A channels_last map's channels are contiguous and provably
+    so, and the compiler lays them fastest: [BLOCK_P, BLOCK_C]. In a contiguous (NCHW) map the neighbouring
+    addresses are neighbouring pixels, which the compiler cannot prove for a tap at a learned offset, so the
+    pixels go on the axis the compiler lays fastest when nothing is proven (:data:`FIRST_AXIS_WINS_TIES`).
+    """
+    if contiguous_channels(features):
+        return False
+    return not FIRST_AXIS_WINS_TIES
+
+
+def contiguous_channels(features: torch.Tensor) -> bool:
+    """Whether each pixel's channels are adjacent in memory (channels_last, with more than one channel)."""
+    return features.stride(1) == 1 and features.shape[1] > 1
+
+
 def vector_loads(features: torch.Tensor) -> bool:
     """Whether the kernels read ``features`` as contiguous channel vectors: channels_last with C a multiple of 16.
 
@@ -118,7 +154,7 @@ def vector_loads(features: torch.Tensor) -> bool:
     map (C, W * C) known to keep each pixel's channel vector aligned for vector loads. With any other C every
     element is a scalar load with its own 64-bit address, which costs registers like the contiguous layout.
     """
-    return features.stride(1) == 1 and features.shape[1] > 1 and features.shape[1] % 16 == 0
+    return contiguous_channels(features) and features.shape[1] % 16 == 0
 
 
 def launch_config(kernel: str, features: torch.Tensor, config: LaunchConfig | None = None) -> LaunchConfig:

@@ -36,6 +36,7 @@ SHAPES = {
 }
 MIN_TRITON = (3, 3)  # triton.compiler.ASTSource(fn, signature, constexprs, attrs)
 SPILLED = 3  # exit status when a kernel spills (1 is Python's own for an uncaught error)
+WRONG_LANES = 4  # exit status of --check-lanes when a kernel's lanes miss the map's adjacent addresses
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -52,7 +53,12 @@ class KernelReport:
     registers: int
     local_bytes: int  # per thread; spilled registers live here, so non-zero means spills
     stack_bytes: int
-    shared_bytes: int  # Triton's shared memory (the context reduction's tl.dot)
+    shared_bytes: int  # Triton's shared memory (the context reduction's tl.dot, layout conversions)
+    # Elements one warp instruction covers along the tile's pixel and channel axes (lanes times elements per
+    # lane), the fewest over the loads, stores and atomics of pixels x channels tiles (0, 0 for kernels without
+    # such tiles): a contiguous map wants a long pixel span, a channels_last map a long channel span.
+    pixel_span: int
+    channel_span: int
 
 
 def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[str, int] = EXAMPLE_SHAPE):
@@ -180,6 +186,65 @@ def cuobjdump_path() -> str:
     return os.path.join(os.path.dirname(ptxas), "cuobjdump")
 
 
+def warp_spans(ttgir: str, constexprs: dict) -> tuple[int, int]:
+    """(pixel span, channel span) of a compiled kernel, read from its TTGIR: for every memory op on a tile shaped
+    pixels x channels (oriented by ``PIXELS_LAST``), the elements a warp covers along each axis of its blocked
+    layout (threadsPerWarp x sizePerThread); the fewest over the ops, per axis; (0, 0) without such ops."""
+    pixels, channels = block_pixels(constexprs), constexprs.get("BLOCK_C", 0)
+    pixel_axis = 1 if constexprs.get("PIXELS_LAST") else 0
+    shape = (channels, pixels) if pixel_axis else (pixels, channels)
+    if min(shape) < 2:
+        return 0, 0
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.MULTILINE))
+    memory_ops = re.findall(r"tt\.(?:load|store|atomic_rmw)\b[^\n]*?tensor<(\d+)x(\d+)x!tt\.ptr<\w+>, (#\w+)>", ttgir)
+    spans = []
+    for rows, cols, layout in memory_ops:
+        if (int(rows), int(cols)) != shape or layout not in layouts:
+            continue
+        per_lane, lanes_per_axis = ([int(v) for v in re.search(rf"{key} = \[(\d+), (\d+)\]", layouts[layout]).groups()]
+                                    for key in ("sizePerThread", "threadsPerWarp"))
+        span = [per_lane[axis] * lanes_per_axis[axis] for axis in (0, 1)]
+        spans.append((span[pixel_axis], span[1 - pixel_axis]))
+    if not spans:
+        return 0, 0
+    return min(p for p, _ in spans), min(c for _, c in spans)
+
+
+MIN_SPAN = 16  # elements a warp instruction should cover along a map's adjacent addresses (64 B in fp32)
+
+
+def warps_follow_the_layout(row: KernelReport) -> bool:
+    """Whether a warp instruction covers at least :data:`MIN_SPAN` adjacent addresses of the map in ``row``'s tiles
+    (or the whole block): neighbouring pixels of a contiguous map, a pixel's channels of a channels_last one;
+    kernels without pixels x channels tiles pass, and float64, whose tiles are sized for registers (it serves
+    gradcheck, not speed). Meaningful at the example shape (the edge shapes have 1-pixel maps or 1 channel)."""
+    if row.pixel_span == row.channel_span == 0 or row.dtype == "float64":
+        return True
+    if row.layout == "contiguous":
+        return row.pixel_span >= min(row.block_p, MIN_SPAN)
+    return row.channel_span >= min(row.block_c, MIN_SPAN)
+
+
+def first_axis_wins_ties(arch: int = 90) -> bool:
+    """Read from the installed Triton: does it lay a gathered 2-D tile's first axis fastest across lanes (else the
+    last)? :data:`alignseg.kernels.launch.FIRST_AXIS_WINS_TIES` must agree (tests/test_kernels_launch.py)."""
+    import triton
+
+    from .layout_probe import gathered_tile_kernel
+
+    signature = {"out_ptr": "*fp32", "src_ptr": "*fp32", "index_ptr": "*i32", "stride": "i32",
+                 "ROWS": "constexpr", "COLS": "constexpr"}
+    source = triton.compiler.ASTSource(fn=gathered_tile_kernel, signature=signature,
+                                       constexprs={"ROWS": 32, "COLS": 32})
+    from triton.backends.compiler import GPUTarget
+
+    ttgir = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ttgir"]
+    rows_span, cols_span = warp_spans(ttgir, dict(BLOCK_P=32, BLOCK_C=32))  # rows play the pixels here
+    if {rows_span, cols_span} != {1, 32}:
+        raise RuntimeError(f"unexpected probe layout: a warp covers {rows_span} x {cols_span} elements")
+    return rows_span == 32
+
+
 def cubin_usage(cubin: bytes) -> tuple[int, int, int]:
     """(registers, local memory bytes, stack bytes) per thread of the cubin Triton built.
 
@@ -221,6 +286,7 @@ def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_la
                             name, shape, arch, dtype, layout, block_pixels(launch.constexprs),
                             launch.constexprs.get("BLOCK_C", 1),  # the window reduction has no channels
                             launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
+                            *warp_spans(compiled.asm["ttgir"], launch.constexprs),
                         ))
     return rows, errors
 
@@ -236,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-going", action="store_true",
                         help="report compile errors at the end instead of stopping")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--check-lanes", action="store_true",
+                        help=f"exit {WRONG_LANES} if a kernel's warps do not run along the map's adjacent addresses "
+                             "at the example shape (see warps_follow_the_layout)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("TRITON_INTERPRET=1 is set: the report compiles real kernels, run it with TRITON_INTERPRET=0",
@@ -246,15 +315,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
     else:
         header = (f"{'kernel':<26} {'shape':<8} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} "
-                  f"{'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8}")
+                  f"{'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8} {'warp px x ch':>12}")
         print(header)
         for r in rows:
             print(f"{r.kernel:<26} {r.shape:<8} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} "
-                  f"{r.num_warps:>5} {r.registers:>5} {r.local_bytes:>9} {r.stack_bytes:>9} {r.shared_bytes:>8}")
+                  f"{r.num_warps:>5} {r.registers:>5} {r.local_bytes:>9} {r.stack_bytes:>9} {r.shared_bytes:>8} "
+                  f"{f'{r.pixel_span} x {r.channel_span}':>12}")
     for error in errors:
         print("compile error:", error, file=sys.stderr)
     if errors:
         return 1
+    if args.check_lanes:
+        wrong = [r for r in rows if r.shape == "example" and not warps_follow_the_layout(r)]
+        for r in wrong:
+            print(f"lanes: {r.kernel} {r.dtype} {r.layout} sm_{r.arch}: a warp covers {r.pixel_span} pixels x "
+                  f"{r.channel_span} channels", file=sys.stderr)
+        if wrong:
+            return WRONG_LANES
     # A stack frame at the register limit is spilled registers too (ptxas reports those as stack).
     spilled = [r for r in rows if r.local_bytes or r.stack_bytes]
     return SPILLED if spilled else 0
