@@ -62,6 +62,7 @@ from .bilinear import (
     tile_offsets,
     tile_pointers,
     unit_scale,
+    zero_tile,
 )
 from .fixed_point import SCATTER_FLOAT
 from .launch import (
@@ -243,12 +244,8 @@ def gather_tile(
 ):
     """grad_src[t] = sum over q = home(t) + (ky, kx) in the window and their taps hitting t, stored once."""
     TILE: tl.constexpr = ty.shape[0]
-    BLOCK_C: tl.constexpr = channels.shape[0]
     channel_at = channels * grad_stride_c
-    if PIXELS_LAST:
-        acc = tl.zeros((BLOCK_C, TILE), dtype=ACC_DTYPE)
-    else:
-        acc = tl.zeros((TILE, BLOCK_C), dtype=ACC_DTYPE)
+    acc = zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST)
     for ky in range(dy_min, dy_max + 1):
         qi = home_y + ky
         valid_y = mask_t & (qi >= 0) & (qi < H)
