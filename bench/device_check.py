@@ -82,6 +82,12 @@ def environment() -> dict[str, str]:
             f"sm_{props.major}{props.minor}"
         )
         env["cudnn"] = str(torch.backends.cudnn.version())
+    try:  # how this Triton's kernels tile a contiguous map (alignseg.kernels.launch.pixels_last)
+        from alignseg.kernels.launch import FIRST_AXIS_WINS_TIES
+
+        env["contiguous_map_tiles"] = "[pixels, channels]" if FIRST_AXIS_WINS_TIES else "[channels, pixels]"
+    except ImportError:
+        env["contiguous_map_tiles"] = "triton not installed"
     try:
         smi = subprocess.run(
             [
