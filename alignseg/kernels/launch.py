@@ -123,7 +123,7 @@ def triton_version() -> tuple[int, int]:
 
 # The axis of a 2-D tile that Triton lays fastest across a warp's lanes when neither axis is provably contiguous
 # (a gathered load, an atomic at data-dependent addresses): the first up to triton 3.6, the last from 3.7 on
-# (read from the compiled layouts; tests/test_kernels_compile.py checks it against the installed compiler). An
+# (read from the compiled layouts; tests/test_kernels_launch.py checks it against the installed compiler). An
 # axis the compiler can prove contiguous (a channels_last map's channels) is laid fastest in every version.
 FIRST_AXIS_WINS_TIES = triton_version() < (3, 7)
 

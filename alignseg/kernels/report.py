@@ -151,7 +151,9 @@ def compile_launch(launch, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    from .launch import triton_version
+
+    if triton_version() < MIN_TRITON:
         raise RuntimeError(f"the kernel report needs triton >= {'.'.join(map(str, MIN_TRITON))} (ASTSource API), "
                            f"found {triton.__version__}")
     kernel = launch.kernel
@@ -228,17 +230,13 @@ def warps_follow_the_layout(row: KernelReport) -> bool:
 def first_axis_wins_ties(arch: int = 90) -> bool:
     """Read from the installed Triton: does it lay a gathered 2-D tile's first axis fastest across lanes (else the
     last)? :data:`alignseg.kernels.launch.FIRST_AXIS_WINS_TIES` must agree (tests/test_kernels_launch.py)."""
-    import triton
-
+    from .launch import KernelLaunch
     from .layout_probe import gathered_tile_kernel
 
-    signature = {"out_ptr": "*fp32", "src_ptr": "*fp32", "index_ptr": "*i32", "stride": "i32",
-                 "ROWS": "constexpr", "COLS": "constexpr"}
-    source = triton.compiler.ASTSource(fn=gathered_tile_kernel, signature=signature,
-                                       constexprs={"ROWS": 32, "COLS": 32})
-    from triton.backends.compiler import GPUTarget
-
-    ttgir = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ttgir"]
+    values = torch.empty(64, device="meta")
+    probe = KernelLaunch(gathered_tile_kernel, grid=(1,), args=(values, values, values.int(), 33),
+                         constexprs=dict(ROWS=32, COLS=32), num_warps=4)
+    ttgir = compile_launch(probe, arch).asm["ttgir"]
     rows_span, cols_span = warp_spans(ttgir, dict(BLOCK_P=32, BLOCK_C=32))  # rows play the pixels here
     if {rows_span, cols_span} != {1, 32}:
         raise RuntimeError(f"unexpected probe layout: a warp covers {rows_span} x {cols_span} elements")
