@@ -1,0 +1,103 @@
+"""The align_fa backward on a GPU, kernel by kernel: a launch-config sweep, and one run of each path for ``ncu``.
+
+    python -m bench.profile_backward sweep [--dtypes bf16] [--layouts channels_last contiguous]
+    ncu --clock-control none -k regex:'align_fa|gather|finalize' --section SpeedOfLight ... \\
+        python -m bench.profile_backward paths
+
+``sweep`` times the atomic backward (both AlignFA forms) and the fixed-point scatter of the sources at the issue
+12 shape (N=8, C=256, 219x219 <- 110x110) under a few launch configs each, the table's own config first, and
+prints each time against the table's; a config that fails to compile or launch is reported and skipped.
+``paths`` runs each backward path once per layout (atomic, fixed point, gathers; both forms), printing a marker
+line before each, so a profiler's kernel list can be read path by path. Both need a GPU; without one they run
+tiny shapes under the interpreter, which only shows that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import HAS_GPU, SMOKE_BANNER, device, measure  # sets TRITON_INTERPRET without a GPU
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# (block_p, max_block_c, num_warps) tried per kernel, besides the table's own.
+CANDIDATES = ((16, 64, 8), (32, 32, 8), (64, 16, 8), (64, 8, 4), (128, 8, 8))
+
+
+def inputs(dtype: torch.dtype, fmt: torch.memory_format, shape=None):
+    n, c, H, W, h, w = shape or ((8, 256, 219, 219, 110, 110) if HAS_GPU else (1, 4, 13, 11, 7, 6))
+    dev = device()
+    low = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    high = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    offsets = (torch.randn(n, 4, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
+    grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    return grad, low, high, offsets
+
+
+def sweep(dtype_names, layout_names) -> None:
+    from alignseg.kernels import launch as launch_module
+    from alignseg.kernels.align_fa import align_fa_backward, align_fa_sources_fixed_point
+
+    kernels = (
+        ("align_fa_backward_exact", lambda g, lo, hi, o, cfg: align_fa_backward(g, lo, hi, o, config=cfg)),
+        ("align_fa_backward", lambda g, lo, hi, o, cfg: align_fa_backward(g, lo, hi, o, config=cfg,
+                                                                           upsample_first=False)),
+        ("align_fa_scatter_exact", lambda g, lo, hi, o, cfg: align_fa_sources_fixed_point(g, lo, hi, o, config=cfg)),
+        ("align_fa_scatter", lambda g, lo, hi, o, cfg: align_fa_sources_fixed_point(g, lo, hi, o, config=cfg,
+                                                                                     upsample_first=False)),
+    )
+    for dname in dtype_names:
+        for lname in layout_names:
+            args = inputs(DTYPES[dname], LAYOUTS[lname])
+            for name, fn in kernels:
+                table = launch_module.launch_config(name, args[1])
+                configs = [table] + [launch_module.LaunchConfig(*c) for c in CANDIDATES
+                                     if launch_module.LaunchConfig(*c) != table]
+                base = None
+                for cfg in configs if HAS_GPU else configs[:1]:
+                    label = f"{cfg.block_p}x{cfg.max_block_c}/{cfg.num_warps}"
+                    try:
+                        median, p20, p80 = measure(lambda cfg=cfg: fn(*args, cfg))
+                    except Exception as error:  # noqa: BLE001  (a config that does not compile is a result too)
+                        print(f"{dname:5} {lname:13} {name:24} {label:10} failed: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:100]}", flush=True)
+                        continue
+                    base = median if base is None else base
+                    mark = " (table)" if cfg == table else ""
+                    print(f"{dname:5} {lname:13} {name:24} {label:10} {median * 1e3:9.1f} us "
+                          f"[{p20 * 1e3:.1f}, {p80 * 1e3:.1f}]  {base / median:5.2f}x the table's{mark}", flush=True)
+
+
+def paths(dtype_names, layout_names) -> None:
+    from alignseg.kernels.align_fa import align_fa_backward, align_fa_sources_fixed_point
+    from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
+
+    runs = (("atomic", align_fa_backward), ("fixed point", align_fa_sources_fixed_point),
+            ("gathers", align_fa_backward_deterministic))
+    for dname in dtype_names:
+        for lname in layout_names:
+            args = inputs(DTYPES[dname], LAYOUTS[lname])
+            for first in (True, False):
+                for label, fn in runs:
+                    print(f"== {dname} {lname} {label} ({'upsample-first' if first else 'one-step'})", flush=True)
+                    fn(*args, upsample_first=first)
+                    if HAS_GPU:
+                        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("sweep", "paths"))
+    parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--layouts", nargs="+", default=["channels_last", "contiguous"], choices=sorted(LAYOUTS))
+    args = parser.parse_args(argv)
+    if not HAS_GPU:
+        print(SMOKE_BANNER)
+    (sweep if args.what == "sweep" else paths)(args.dtypes, args.layouts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
