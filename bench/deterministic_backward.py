@@ -19,6 +19,7 @@ import argparse
 
 import torch
 
+from alignseg.ops import use_backward
 from bench.baselines import align_fa_authors
 from bench.common import HAS_GPU, SMOKE_BANNER, copy_bandwidth_gbs, device, measure  # sets TRITON_INTERPRET
 
@@ -95,6 +96,17 @@ def run(dtype_names, layout_names) -> int:
                     report(f"gathers (upsample-first), offsets {scale}·N(0,1)",
                            lambda small=small: align_fa_backward_deterministic(grad, low, high, small),
                            model["gathers"], model["minimum"] - model["per_pixel"])
+            # What the custom op runs per path, all three gradients: a contiguous map's kernels then run on
+            # channels_last copies (launch.stage_channels_last), the copies included in the time.
+            for path in ("atomic", "fixed_point", "gather"):
+                def op(path=path):
+                    with use_backward(path):
+                        return torch.ops.alignseg.align_fa_backward(grad, low, high, offsets, True)
+
+                report(f"op backward, {path} path (upsample-first)", op, model["minimum"], model["minimum"])
+                if path != "atomic" and not all(torch.equal(x, y) for x, y in zip(op(), op())):
+                    print(f"  NOT BITWISE REPRODUCIBLE: the op's {path} path")
+                    failures += 1
             leaves = [t.detach().clone().requires_grad_(True) for t in (low, high, offsets)]
             out = align_fa_authors(leaves[0], leaves[1], leaves[2].to(dtype))
             report("authors' chain backward (grid_sample)", lambda: out.backward(grad, retain_graph=True),
@@ -107,6 +119,8 @@ def run(dtype_names, layout_names) -> int:
             cm_min = e * (n * c * H * W + 2 * n * c * 9) + 16 * n * H * W
             report("align_cm backward (deterministic)", lambda: align_cm_backward(cm_grad, context, cm_offsets),
                    cm_min, cm_min)
+            report("align_cm op backward (deterministic)",
+                   lambda: torch.ops.alignseg.align_cm_backward(cm_grad, context, cm_offsets), cm_min, cm_min)
             a, b = align_cm_backward(cm_grad, context, cm_offsets), align_cm_backward(cm_grad, context, cm_offsets)
             if not all(torch.equal(x, y) for x, y in zip(a, b)):
                 print("  NOT BITWISE REPRODUCIBLE: align_cm backward")

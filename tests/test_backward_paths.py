@@ -11,7 +11,16 @@ dedicated NaN and huge offsets, which reach no cell and must not widen the windo
 import pytest
 import torch
 
-from alignseg.ops import align_cm, align_fa, align_fa_reference, get_backward, set_backward, use_backend, use_backward
+from alignseg.ops import (
+    align_cm,
+    align_cm_reference,
+    align_fa,
+    align_fa_reference,
+    get_backward,
+    set_backward,
+    use_backend,
+    use_backward,
+)
 from alignseg.ops import backend as backend_module
 from alignseg.ops.backend import triton_available
 
@@ -166,6 +175,66 @@ def test_every_path_in_both_tile_orientations(upsample_first, path, first_axis_w
     with use_backward(path):
         check_against_reference(*make_inputs(9, 7, 5, 4), upsample_first)
     assert launches == {"atomic": ATOMIC_PATH, "gather": GATHER_PATH, "fixed_point": FIXED_POINT_PATH}[path]
+
+
+def record_layouts(monkeypatch, module, name: str, positions: tuple[int, ...], seen: list[bool]) -> list[bool]:
+    """Wrap ``module.name``: each call appends to ``seen`` whether its arguments at ``positions`` are channels_last."""
+    launch = getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        seen.extend(args[i].is_contiguous(memory_format=torch.channels_last) for i in positions)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    return seen
+
+
+@pytest.mark.parametrize("path", ["atomic", "gather", "fixed_point"])
+@pytest.mark.parametrize("upsample_first", [True, False])
+def test_contiguous_maps_run_on_channels_last_copies(upsample_first, path, monkeypatch):
+    # C a multiple of 16: the kernels get channels_last copies of grad, low and high (launch.stage_channels_last), and
+    # the gradients come back in the inputs' (contiguous) layout.
+    import alignseg.kernels.align_fa as fa_kernels
+    import alignseg.kernels.align_fa_gather as gather_kernels
+
+    needs_kernels()
+    seen: list[bool] = []
+    for module, name in ((fa_kernels, "align_fa_backward"), (fa_kernels, "align_fa_offsets_backward"),
+                         (fa_kernels, "align_fa_sources_fixed_point"),
+                         (gather_kernels, "align_fa_backward_deterministic")):
+        record_layouts(monkeypatch, module, name, (0, 1, 2), seen)
+    inputs = make_inputs(6, 5, 4, 3, n=1, c=16)
+    with use_backward(path):
+        low_grad, high_grad, _ = check_against_reference(*inputs, upsample_first)
+    assert seen and all(seen)
+    assert low_grad.is_contiguous() and high_grad.is_contiguous()
+    # Not a multiple of 16 (no vector loads on a copy either): the kernels read the contiguous maps themselves.
+    seen.clear()
+    with use_backward(path):
+        check_against_reference(*make_inputs(6, 5, 4, 3, n=1, c=12), upsample_first)
+    assert seen and not any(seen)
+
+
+def test_align_cm_backward_reads_a_channels_last_copy_of_a_contiguous_gradient(monkeypatch):
+    import alignseg.kernels.align_cm as cm_kernels
+
+    needs_kernels()
+    seen = record_layouts(monkeypatch, cm_kernels, "align_cm_backward", (0,), [])
+    g = torch.Generator().manual_seed(3)
+    context, local = torch.randn(2, 16, 3, 3, generator=g), torch.randn(2, 16, 7, 6, generator=g)
+    offsets, grad = torch.randn(2, 2, 7, 6, generator=g), torch.randn(2, 16, 7, 6, generator=g)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().clone().double().requires_grad_(True) if backend == "reference" else
+                  t.detach().clone().requires_grad_(True) for t in (context, offsets, local)]
+        with use_backend(backend):
+            (align_cm if backend == "triton" else align_cm_reference)(*leaves).backward(
+                grad.double() if backend == "reference" else grad)
+        results.append([t.grad for t in leaves])
+    assert seen == [True]
+    for r, ref in zip(*results):
+        torch.testing.assert_close(r.double(), ref, atol=2e-5, rtol=1e-5)
+    assert results[0][2].is_contiguous()  # the local map's gradient keeps its layout
 
 
 def test_backward_path_names_are_checked(monkeypatch):

@@ -166,3 +166,29 @@ def test_contiguous_maps_put_pixels_on_the_axis_the_compiler_lays_fastest(monkey
         assert launch.pixels_last(nchw) is (not first_axis_wins)
         assert launch.pixels_last(nhwc) is False  # channels provably contiguous: lanes there in every version
         assert launch.pixels_last(nchw[:, :1]) is (not first_axis_wins)  # one channel: only pixels to follow
+
+
+def test_hopper_configs_apply_to_sm90_plans_only(monkeypatch):
+    from alignseg.kernels import launch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU tables, not the interpreter's
+    name = next(iter(launch.GPU_CONFIGS_SM90))
+    cl = torch.empty(1, 32, 4, 4, device="meta", memory_format=torch.channels_last)
+    with launch.planning_for(90):
+        assert launch.launch_config(name, cl) == launch.GPU_CONFIGS_SM90[name]
+        # Not for fp64 (its own, smaller tiles) nor for maps without vector loads.
+        assert launch.launch_config(name, cl.double()) != launch.GPU_CONFIGS_SM90[name]
+        contiguous = torch.empty(1, 32, 4, 4, device="meta")
+        assert launch.launch_config(name, contiguous) == launch.GPU_CONFIGS_CONTIGUOUS[name]
+    with launch.planning_for(80):
+        assert launch.launch_config(name, cl) == launch.GPU_CONFIGS[name]
+    assert launch.target_arch(cl) is None  # a meta (or CPU) tensor outside planning_for: no GPU to ask
+
+
+def test_backward_stages_contiguous_maps_with_vector_loads_only():
+    from alignseg.kernels.launch import stage_channels_last
+
+    assert stage_channels_last(torch.empty(2, 32, 5, 7))
+    assert not stage_channels_last(torch.empty(2, 32, 5, 7, memory_format=torch.channels_last))  # already
+    assert not stage_channels_last(torch.empty(2, 40, 5, 7))  # C % 16 != 0: a copy gets no vector loads either
+    assert not stage_channels_last(torch.empty(2, 32, 1, 1))  # one pixel: both layouts at once

@@ -44,11 +44,14 @@ def scatter_add(buffer_ptr, flags_ptr, at, values, mask, fixed_scale, SCATTER: t
     """Atomically add ``values`` at ``buffer_ptr + at``: float atomics (SCATTER_FLOAT), or in fixed point with
     the non-finite ones flagged at ``flags_ptr + at`` (SCATTER_FIXED; the flag buffer has the same layout)."""
     if SCATTER == SCATTER_FIXED:
-        finite = (values - values) == 0  # false for inf (inf - inf is NaN) and NaN
+        # A comparison, not arithmetic: ``values - values == 0`` was compiled for sm_90 as fma(a, b, -(a * b)) where
+        # values = a * b (the product's rounding error, rarely 0), which flagged nearly every finite contribution
+        # as non-finite on an H200 (bench/results/h200-2026-11-27/run3_*).
+        finite = tl.abs(values) < float("inf")  # false for inf and NaN
         scaled = tl.where(finite, values, 0.0) * fixed_scale
         tl.atomic_add(buffer_ptr + at, tl.floor(scaled + 0.5).to(tl.int64), mask=mask & finite, sem="relaxed")
         kind = tl.where(values != values, NOT_A_NUMBER, tl.where(values > 0, POS_INF, NEG_INF))
-        tl.atomic_or(flags_ptr + at, kind.to(tl.int32), mask=mask & (values - values != 0), sem="relaxed")
+        tl.atomic_or(flags_ptr + at, kind.to(tl.int32), mask=mask & ~finite, sem="relaxed")
     else:
         tl.atomic_add(buffer_ptr + at, values, mask=mask, sem="relaxed")
 

@@ -9,6 +9,7 @@ interpreter gets few, large blocks instead (same kernels, different constexprs).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 from typing import Any
@@ -75,6 +76,14 @@ GPU_CONFIGS_CONTIGUOUS_FLOAT64: dict[str, LaunchConfig] = {
     "align_fa_backward": LaunchConfig(block_p=32, max_block_c=4, num_warps=4),  # 32x8 on 8: 8-24 B stacks
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=8, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=16, max_block_c=16, num_warps=4),
+}
+
+# Hopper (sm_90) overrides of GPU_CONFIGS, measured faster there. sm_80's ptxas cannot fit them: 255 registers and
+# a 1.2-1.4 KB stack under triton 3.6, 128-160 B under 3.9, where sm_90 takes 213-246 registers and no stack.
+GPU_CONFIGS_SM90: dict[str, LaunchConfig] = {
+    # 1.61x faster than 16x32 on 8 on an H200 (bf16, triton 3.6, N=8 C=256 219x219 <- 110x110: 3.11 against
+    # 5.00 ms; python -m bench.profile_backward sweep, bench/results/h200-2026-11-27/run3_sweep.txt).
+    "align_fa_backward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
 }
 
 INTERPRETER_CONFIG = LaunchConfig(block_p=1024, max_block_c=128, num_warps=1)
@@ -147,6 +156,18 @@ def contiguous_channels(features: torch.Tensor) -> bool:
     return features.stride(1) == 1 and features.shape[1] > 1
 
 
+def stage_channels_last(features: torch.Tensor) -> bool:
+    """Whether a backward pass should run on a channels_last copy of ``features``: a 4-D map whose channels are not
+    adjacent but whose copy would get vector loads (C a multiple of 16).
+
+    A contiguous (NCHW) map's scatter sends each warp's atomics to 16-32 cache lines, a channels_last one's to one
+    or two: on an H200 (bf16, triton 3.6) the align_fa backward took 18.4 ms on contiguous maps and 5.0 ms on
+    channels_last ones, so copying grad, low and high (about 0.2 ms there) pays many times over. See
+    bench/README.md, "Contiguous maps in the backward".
+    """
+    return features.dim() == 4 and not contiguous_channels(features) and features.shape[1] % 16 == 0
+
+
 def vector_loads(features: torch.Tensor) -> bool:
     """Whether the kernels read ``features`` as contiguous channel vectors: channels_last with C a multiple of 16.
 
@@ -171,7 +192,34 @@ def launch_config(kernel: str, features: torch.Tensor, config: LaunchConfig | No
     table = GPU_CONFIGS if vectorised else GPU_CONFIGS_CONTIGUOUS
     if features.dtype == torch.float64:
         table = {**table, **(GPU_CONFIGS_FLOAT64 if vectorised else GPU_CONFIGS_CONTIGUOUS_FLOAT64)}
+    elif vectorised and target_arch(features) == 90:
+        table = {**table, **GPU_CONFIGS_SM90}
     return table[kernel]
+
+
+_PLANNING_FOR: contextvars.ContextVar[int | None] = contextvars.ContextVar("planning_for", default=None)
+
+
+def target_arch(features: torch.Tensor) -> int | None:
+    """The compute capability (major * 10 + minor) a launch on ``features`` is planned for: the one
+    :func:`planning_for` names (the ahead-of-time report), else ``features``' GPU's, else None (CPU tensors)."""
+    planned = _PLANNING_FOR.get()
+    if planned is not None:
+        return planned
+    if features.is_cuda:
+        major, minor = torch.cuda.get_device_capability(features.device)
+        return 10 * major + minor
+    return None
+
+
+@contextlib.contextmanager
+def planning_for(arch: int):
+    """Plan launches for sm_<arch> (its configs) whatever device the tensors are on: ``with planning_for(90): ...``."""
+    token = _PLANNING_FOR.set(arch)
+    try:
+        yield
+    finally:
+        _PLANNING_FOR.reset(token)
 
 
 def channel_block(channels: int, config: LaunchConfig, minimum: int = 1) -> int:

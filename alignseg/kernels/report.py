@@ -265,12 +265,16 @@ def cubin_usage(cubin: bytes) -> tuple[int, int, int]:
 def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_last",), shapes=("example",),
            keep_going: bool = False) -> tuple[list[KernelReport], list[str]]:
     """Compile every combination; returns the reports and, with ``keep_going``, the compile errors (else raises)."""
+    from .launch import planning_for
+
     rows, errors = [], []
     for shape in shapes:
         for dtype in dtypes:
             for layout in layouts:
-                for name, launch in example_plans(getattr(torch, dtype), LAYOUTS[layout], SHAPES[shape]):
-                    for arch in archs:
+                for arch in archs:
+                    with planning_for(arch):  # the configs real launches on that GPU take
+                        plans = example_plans(getattr(torch, dtype), LAYOUTS[layout], SHAPES[shape])
+                    for name, launch in plans:
                         try:
                             compiled = compile_launch(launch, arch)
                         except Exception as error:

@@ -107,7 +107,10 @@ def _align_cm_backward(grad: Tensor, context: Tensor, offsets: Tensor) -> tuple[
     # Deterministic (no atomics) on every path that deterministic mode can take: no alert.
     require_triton(context.device)
     from alignseg.kernels.align_cm import align_cm_backward
+    from alignseg.kernels.launch import stage_channels_last
 
+    if stage_channels_last(grad):  # a contiguous map's gradient: read from a channels_last copy (launch.py says why)
+        grad = grad.contiguous(memory_format=torch.channels_last)
     return align_cm_backward(grad, context, offsets)
 
 

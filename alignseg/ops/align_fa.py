@@ -28,6 +28,7 @@ from .sampling import (
     check_same_device,
     check_source_size,
     empty_output,
+    in_layout_of,
     output_memory_format,
     sample_grid_sample,
     sample_reference,
@@ -161,6 +162,20 @@ def _align_fa_backward(
     path = resolve_backward()
     if path == "atomic":
         alert_nondeterministic("alignseg::align_fa_backward", low.device)
+    from alignseg.kernels.launch import stage_channels_last
+
+    if not stage_channels_last(low):
+        return _align_fa_gradients(path, grad, low, high, offsets, upsample_first)
+    # Contiguous maps: the kernels run on channels_last copies, and the source gradients come back in the inputs'
+    # layouts (launch.stage_channels_last says why).
+    staged = (t.contiguous(memory_format=torch.channels_last) for t in (grad, low, high))
+    grad_low, grad_high, grad_offsets = _align_fa_gradients(path, *staged, offsets, upsample_first)
+    return in_layout_of(grad_low, low), in_layout_of(grad_high, high), grad_offsets
+
+
+def _align_fa_gradients(path: str, grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor,
+                        upsample_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if path == "atomic":
         from alignseg.kernels.align_fa import align_fa_backward
 
         return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)
