@@ -297,7 +297,14 @@ def test_gpu_backward_bitwise_reproducible(dtype, layout):
         second = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first=upsample_first)
         assert all(torch.equal(a, b) for a, b in zip(first, second))
         reference = transpose_reference(grad.cpu().float(), offsets[:, 2:4].cpu(), (H, W))
-        check_close(first[0].float().cpu(), reference, dtype)
+        if dtype == torch.float32:
+            # A tap's fp32 coordinate j + d carries an error of up to ulp(W) (1.5e-5 near 219), and so does its
+            # weight, where the float64 reference is exact: on an H200, 5.6e-5 at 219x219 (run4_gpu_tests.txt).
+            ulp = torch.finfo(torch.float32).eps * max(H, W)
+            torch.testing.assert_close(first[0].double().cpu(), reference, rtol=1e-5,
+                                       atol=4 * ulp * float(reference.abs().max()))
+        else:
+            check_close(first[0].float().cpu(), reference, dtype)
     up = G.upsample_transpose(grad, h, w)
     assert torch.equal(up, G.upsample_transpose(grad, h, w))
     context = torch.randn(n, c, 3, 3, device="cuda", dtype=dtype)

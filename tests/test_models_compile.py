@@ -77,7 +77,12 @@ def test_compile_fullgraph_train_and_eval_on_cpu_triton_path():
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_compile_fullgraph_train_and_eval_on_cuda_triton_path():
+def test_compile_fullgraph_train_and_eval_on_cuda_triton_path(monkeypatch):
+    # cuDNN convolutions run in TF32 by default, and Inductor may pick other algorithms than eager: on an H200 the
+    # logits then differed by 2.9e-3 of their scale (bench/results/h200-2026-11-27/run4_gpu_tests.txt), beyond what
+    # this comparison of two fp32 computations allows. Full fp32 for both.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch._dynamo.reset()
     model, images = _model_and_images("cuda")
     with use_backend("triton"):

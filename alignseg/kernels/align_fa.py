@@ -47,6 +47,7 @@ from .launch import (
     strides,
 )
 from .launch import align_corners_scale as host_scale
+from .relayout import relayout_like
 
 
 # out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low
@@ -381,12 +382,16 @@ def align_fa_backward(
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
     upsample_first: bool = True,
+    sources_like: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (low, high, offsets) in their dtypes, given the output gradient ``grad``."""
+    """Gradients of (low, high, offsets) given the output gradient ``grad``: the sources' in the dtypes and layouts
+    of ``sources_like`` (default ``(low, high)``; the staging of contiguous maps passes the originals, so the cast
+    of the float buffers and the copy back to their layout are one pass)."""
     launch, (grad_low, grad_high, grad_offsets) = plan_align_fa_backward(grad, low, high, offsets, grad_offsets, config,
                                                                           upsample_first)
     launch()
-    return grad_low.to(low.dtype), grad_high.to(high.dtype), grad_offsets
+    like_low, like_high = sources_like or (low, high)
+    return relayout_like(grad_low, like_low), relayout_like(grad_high, like_high), grad_offsets
 
 
 def align_fa_offsets_backward(

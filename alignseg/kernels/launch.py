@@ -42,6 +42,8 @@ GPU_CONFIGS: dict[str, LaunchConfig] = {
     # warps spilled 88-632 B at 255 registers; 16x32 on 8 takes 62-106, fp32/bf16 at sm_80/sm_90).
     "align_fa_scatter": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_fa_scatter_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    # The tiled layout copy (relayout.py): a 64x64 tile, 16 elements a thread, one shared-memory transpose.
+    "relayout": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
 }
 # Contiguous (NCHW) maps, and channels_last ones with C not a multiple of 16: no axis of a tap's tile is provably
 # contiguous (pixels_last orients an NCHW tile so the lanes still run along pixels), the compiler keeps two
@@ -61,6 +63,8 @@ GPU_CONFIGS_CONTIGUOUS: dict[str, LaunchConfig] = {
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
     "align_fa_scatter": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_fa_scatter_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    # The tiled layout copy (relayout.py): a 64x64 tile, 16 elements a thread, one shared-memory transpose.
+    "relayout": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
 }
 
 # fp64 takes two registers per tile element and per coordinate: where the tiles above spill in fp64 (at
@@ -76,6 +80,8 @@ GPU_CONFIGS_CONTIGUOUS_FLOAT64: dict[str, LaunchConfig] = {
     "align_fa_backward": LaunchConfig(block_p=32, max_block_c=4, num_warps=4),  # 32x8 on 8: 8-24 B stacks
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=8, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=16, max_block_c=16, num_warps=4),
+    # 16x32 on 8: an 8 B stack at sm_80 in 1-column maps once the finiteness test became a comparison (fixed_point.py).
+    "align_fa_scatter_exact": LaunchConfig(block_p=32, max_block_c=8, num_warps=4),
 }
 
 # Hopper (sm_90) overrides of GPU_CONFIGS, measured faster there. sm_80's ptxas cannot fit them: 255 registers and

@@ -68,8 +68,10 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
     from .align_fa import plan_align_fa_backward, plan_align_fa_fixed_point_scatter, plan_align_fa_forward
     from .fixed_point import fixed_point_buffers, plan_fixed_point_finalize
     from .launch import accumulation_dtype
+    from .relayout import plan_relayout
 
     s = shape
+    other_layout = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
 
     def feature(h: int, w: int, channels: int = s["c"], dt: torch.dtype = dtype) -> torch.Tensor:
         return torch.empty(s["n"], channels, h, w, dtype=dt, device="meta", memory_format=layout)
@@ -113,6 +115,10 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
                                                     gather.COMPOSITE)),
         ("scatter_transpose", gather.plan_scatter_transpose(
             grad, fa_offsets[:, 2:4], torch.empty_like(grad_low, dtype=accumulation_dtype(dtype)[0]))),
+        # The staging copy into the other layout (launch.stage_channels_last), and back with the cast of a buffer.
+        ("relayout", plan_relayout(grad, torch.empty_like(grad, memory_format=other_layout))),
+        ("relayout_cast", plan_relayout(torch.empty_like(grad, dtype=accumulation_dtype(dtype)[0]),
+                                        torch.empty_like(grad, memory_format=other_layout))),
     ]
 
 
@@ -197,22 +203,31 @@ def warp_spans(ttgir: str, constexprs: dict) -> tuple[int, int]:
     shape = (channels, pixels) if pixel_axis else (pixels, channels)
     if min(shape) < 2:
         return 0, 0
-    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.MULTILINE))
-    memory_ops = re.findall(r"tt\.(?:load|store|atomic_rmw)\b[^\n]*?tensor<(\d+)x(\d+)x!tt\.ptr<\w+>, (#\w+)>", ttgir)
-    spans = []
-    for rows, cols, layout in memory_ops:
-        if (int(rows), int(cols)) != shape or layout not in layouts:
-            continue
-        per_lane, lanes_per_axis = ([int(v) for v in re.search(rf"{key} = \[(\d+), (\d+)\]", layouts[layout]).groups()]
-                                    for key in ("sizePerThread", "threadsPerWarp"))
-        span = [per_lane[axis] * lanes_per_axis[axis] for axis in (0, 1)]
-        spans.append((span[pixel_axis], span[1 - pixel_axis]))
+    spans = [(span[pixel_axis], span[1 - pixel_axis]) for _, span in memory_op_spans(ttgir, shape)]
     if not spans:
         return 0, 0
     return min(p for p, _ in spans), min(c for _, c in spans)
 
 
+def memory_op_spans(ttgir: str, shape: tuple[int, int]) -> list[tuple[str, tuple[int, int]]]:
+    """(op, (span along axis 0, span along axis 1)) of every load, store and atomic on a 2-D tile of ``shape`` in a
+    TTGIR: the elements one warp instruction covers along each axis of the op's blocked layout."""
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.MULTILINE))
+    memory_ops = re.findall(r"tt\.(load|store|atomic_rmw)\b[^\n]*?tensor<(\d+)x(\d+)x!tt\.ptr<\w+>, (#\w+)>", ttgir)
+    spans = []
+    for op, rows, cols, layout in memory_ops:
+        if (int(rows), int(cols)) != tuple(shape) or layout not in layouts:
+            continue
+        per_lane, lanes_per_axis = ([int(v) for v in re.search(rf"{key} = \[(\d+), (\d+)\]", layouts[layout]).groups()]
+                                    for key in ("sizePerThread", "threadsPerWarp"))
+        spans.append((op, (per_lane[0] * lanes_per_axis[0], per_lane[1] * lanes_per_axis[1])))
+    return spans
+
+
 MIN_SPAN = 16  # elements a warp instruction should cover along a map's adjacent addresses (64 B in fp32)
+# Kernels whose load and store run along different axes by design (a copy into the other layout): each side is checked
+# along its own map's adjacent addresses in tests/test_kernels_relayout.py instead.
+TWO_LAYOUT_KERNELS = ("relayout", "relayout_cast")
 
 
 def warps_follow_the_layout(row: KernelReport) -> bool:
@@ -220,7 +235,7 @@ def warps_follow_the_layout(row: KernelReport) -> bool:
     (or the whole block): neighbouring pixels of a contiguous map, a pixel's channels of a channels_last one;
     kernels without pixels x channels tiles pass, and float64, whose tiles are sized for registers (it serves
     gradcheck, not speed). Meaningful at the example shape (the edge shapes have 1-pixel maps or 1 channel)."""
-    if row.pixel_span == row.channel_span == 0 or row.dtype == "float64":
+    if row.pixel_span == row.channel_span == 0 or row.dtype == "float64" or row.kernel in TWO_LAYOUT_KERNELS:
         return True
     if row.layout == "contiguous":
         return row.pixel_span >= min(row.block_p, MIN_SPAN)

@@ -108,9 +108,10 @@ def _align_cm_backward(grad: Tensor, context: Tensor, offsets: Tensor) -> tuple[
     require_triton(context.device)
     from alignseg.kernels.align_cm import align_cm_backward
     from alignseg.kernels.launch import stage_channels_last
+    from alignseg.kernels.relayout import to_channels_last
 
     if stage_channels_last(grad):  # a contiguous map's gradient: read from a channels_last copy (launch.py says why)
-        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad = to_channels_last(grad)
     return align_cm_backward(grad, context, offsets)
 
 

@@ -28,7 +28,6 @@ from .sampling import (
     check_same_device,
     check_source_size,
     empty_output,
-    in_layout_of,
     output_memory_format,
     sample_grid_sample,
     sample_reference,
@@ -163,29 +162,24 @@ def _align_fa_backward(
     if path == "atomic":
         alert_nondeterministic("alignseg::align_fa_backward", low.device)
     from alignseg.kernels.launch import stage_channels_last
+    from alignseg.kernels.relayout import relayout_like, to_channels_last
 
-    if not stage_channels_last(low):
-        return _align_fa_gradients(path, grad, low, high, offsets, upsample_first)
-    # Contiguous maps: the kernels run on channels_last copies, and the source gradients come back in the inputs'
+    # Contiguous maps: the kernels run on channels_last copies, and the source gradients go back to the inputs'
     # layouts (launch.stage_channels_last says why).
-    staged = (t.contiguous(memory_format=torch.channels_last) for t in (grad, low, high))
-    grad_low, grad_high, grad_offsets = _align_fa_gradients(path, *staged, offsets, upsample_first)
-    return in_layout_of(grad_low, low), in_layout_of(grad_high, high), grad_offsets
-
-
-def _align_fa_gradients(path: str, grad: Tensor, low: Tensor, high: Tensor, offsets: Tensor,
-                        upsample_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    staged = stage_channels_last(low)
+    grad_k, low_k, high_k = (to_channels_last(t) if staged else t for t in (grad, low, high))
     if path == "atomic":
         from alignseg.kernels.align_fa import align_fa_backward
 
-        return align_fa_backward(grad, low, high, offsets, upsample_first=upsample_first)
+        return align_fa_backward(grad_k, low_k, high_k, offsets, upsample_first=upsample_first,
+                                 sources_like=(low, high))
     from alignseg.kernels.align_fa import align_fa_offsets_backward, align_fa_sources_fixed_point
     from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
 
-    grad_offsets = align_fa_offsets_backward(grad, low, high, offsets, upsample_first=upsample_first)
+    grad_offsets = align_fa_offsets_backward(grad_k, low_k, high_k, offsets, upsample_first=upsample_first)
     sources = align_fa_sources_fixed_point if path == "fixed_point" else align_fa_backward_deterministic
-    grad_low, grad_high = sources(grad, low, high, offsets, upsample_first=upsample_first)
-    return grad_low, grad_high, grad_offsets
+    grad_low, grad_high = sources(grad_k, low_k, high_k, offsets, upsample_first=upsample_first)
+    return relayout_like(grad_low, low), relayout_like(grad_high, high), grad_offsets
 
 
 @_align_fa_backward.register_fake

@@ -161,10 +161,3 @@ def output_memory_format(t: Tensor) -> torch.memory_format:
 def empty_output(t: Tensor) -> Tensor:
     """An uninitialised tensor shaped like ``t`` in :func:`output_memory_format` of ``t``."""
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=output_memory_format(t))
-
-
-def in_layout_of(g: Tensor, t: Tensor) -> Tensor:
-    """``g`` in the strides of ``torch.empty_like(t)`` (what the ops' fake kernels return for ``t``'s gradient):
-    ``g`` itself when they match, else a copy."""
-    like = torch.empty_like(t)
-    return g if g.stride() == like.stride() else like.copy_(g)
