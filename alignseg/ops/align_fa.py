@@ -152,13 +152,13 @@ def _align_fa_backward(
     """The gradients of (low, high, offsets), by the path of :func:`alignseg.ops.backend.resolve_backward`.
 
     ``atomic`` (default outside deterministic mode): one kernel, the source gradients scattered with float
-    atomic adds into zeroed fp32/fp64 buffers. ``gather`` (deterministic mode) and ``fixed_point``: the
-    per-pixel kernel writes the offsets' gradient only; the gathers of :mod:`alignseg.kernels.align_fa_gather`,
-    or a scatter with int64 fixed-point atomics (:mod:`alignseg.kernels.fixed_point`), write the source
-    gradients: bitwise reproducible either way.
+    atomic adds into zeroed fp32/fp64 buffers. ``fixed_point`` (deterministic mode) and ``gather`` (deterministic
+    mode, float64): the per-pixel kernel writes the offsets' gradient only; a scatter with int64 fixed-point
+    atomics (:mod:`alignseg.kernels.fixed_point`), or the gathers of :mod:`alignseg.kernels.align_fa_gather`,
+    write the source gradients: bitwise reproducible either way.
     """
     require_triton(low.device)
-    path = resolve_backward()
+    path = resolve_backward(low.dtype)
     if path == "atomic":
         alert_nondeterministic("alignseg::align_fa_backward", low.device)
     from alignseg.kernels.launch import stage_channels_last

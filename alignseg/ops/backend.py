@@ -15,11 +15,12 @@ The choice comes from the environment variable ``ALIGNSEG_BACKEND``, or from
 The Triton backward of ``align_fa`` has three paths, chosen by ``ALIGNSEG_BACKWARD`` or
 :func:`set_backward` / :func:`use_backward`: ``atomic`` scatters the source gradients with float atomic
 adds (the fastest measured: bench/results/h200-2026-11-27; not bit-reproducible on a GPU),
-``gather`` computes them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather`
-(bitwise reproducible; measured 7.3x slower than ``atomic``), ``fixed_point`` scatters them as 64-bit
-fixed-point integers (:mod:`alignseg.kernels.fixed_point`: integer addition does not depend on the order,
-so the result is bitwise reproducible too; not yet run on a GPU, so not yet a default). ``auto`` (default)
-takes ``atomic``, and ``gather`` under ``torch.use_deterministic_algorithms(True)`` (:func:`resolve_backward`).
+``fixed_point`` scatters them as 64-bit fixed-point integers (:mod:`alignseg.kernels.fixed_point`: integer
+addition does not depend on the order, so the result is bitwise reproducible; 3.6x the time of ``atomic`` on an
+H200, bf16), ``gather`` computes them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather`
+(bitwise reproducible too, 12x ``atomic`` there, and exact to float64's rounding). ``auto`` (default) takes
+``atomic``, and under ``torch.use_deterministic_algorithms(True)`` ``fixed_point``, or ``gather`` for float64
+maps, whose gradients the fixed point would round more coarsely than float64 does (:func:`resolve_backward`).
 ``align_cm``'s backward is deterministic on its own (no switch). Only a forced ``atomic`` path under
 ``torch.use_deterministic_algorithms(True)`` warns or raises, like PyTorch's own nondeterministic ops
 (:func:`alert_nondeterministic`).
@@ -104,15 +105,17 @@ def get_backward() -> str:
     return _BACKWARD.get()
 
 
-def resolve_backward() -> str:
-    """The path the align_fa backward takes now: "auto" becomes "atomic", or "gather" in deterministic mode.
-
-    ("fixed_point" is the candidate to replace "gather" there once a GPU has measured it: see bench/README.md.)
-    """
+def resolve_backward(dtype: torch.dtype = torch.float32) -> str:
+    """The path the align_fa backward takes now for maps of ``dtype``: "auto" becomes "atomic", or in deterministic
+    mode "fixed_point" ("gather" for float64: the fixed point's rounding, about 1e-14 of the largest gradient, is
+    coarser than float64's). Measured on an H200 (bench/results/h200-2026-11-27/run4_deterministic_backward.txt):
+    atomic 3.06 ms, fixed point 11.0 ms, gathers 36.3 ms for the issue-12 shape in bf16, channels_last."""
     requested = get_backward()
     if requested != "auto":
         return requested
-    return "gather" if torch.are_deterministic_algorithms_enabled() else "atomic"
+    if not torch.are_deterministic_algorithms_enabled():
+        return "atomic"
+    return "gather" if dtype == torch.float64 else "fixed_point"
 
 
 def set_backward(name: str | None) -> None:
