@@ -202,6 +202,36 @@ def test_kernels_write_every_element(op):
         torch.testing.assert_close(got, ref_grads[i], atol=1e-4, rtol=1e-5)
 
 
+def gpu_backward_configs() -> list:
+    """Every distinct launch config of the backward kernels in the GPU tables (the interpreter runs its own)."""
+    from alignseg.kernels import launch
+
+    tables = (launch.GPU_CONFIGS, launch.GPU_CONFIGS_CONTIGUOUS, launch.GPU_CONFIGS_SM90)
+    names = ("align_fa_backward", "align_fa_backward_exact", "align_cm_backward")
+    return sorted({table[name] for table in tables for name in names if name in table},
+                  key=lambda c: (c.block_p, c.max_block_c, c.num_warps))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_backward_kernels_match_reference_at_every_gpu_config(layout):
+    # The GPU tables' block sizes (the interpreter's own config is larger): masks and channel loops at the tiles real
+    # launches use, C over two channel blocks of most of them and H*W not a multiple of any pixel block.
+    from alignseg.kernels.align_cm import align_cm_backward
+    from alignseg.kernels.align_fa import align_fa_backward
+
+    for config in gpu_backward_configs():
+        for op in (FA, FA_ONE_STEP, CM):
+            inputs = op.inputs(1, 40, 9, 11, 5, 6, layout=layout)
+            grad_output = torch.randn(op.reference(*inputs).shape)
+            _, ref_grads = run_with_grads(op.reference, inputs, grad_output)
+            if op.is_fa:
+                grads = align_fa_backward(grad_output, *inputs, config=config, upsample_first=op.extra_args[0])
+            else:
+                grads = align_cm_backward(grad_output, *inputs[:2], config=config)
+            for got, ref in zip(grads, ref_grads):
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5, msg=lambda m: f"{op.name} {config}: {m}")
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_kernels_gradcheck_fp64(op):
     inputs = [t.requires_grad_(True) for t in op.inputs(2, 3, 5, 4, 3, 3, scale=1.5, dtype=torch.float64)]
