@@ -54,6 +54,8 @@ def test_relayout_like_and_to_channels_last():
     assert back.dtype == torch.bfloat16 and back.is_contiguous()
     assert_cast_like_torch(back, g)
     assert R.relayout_like(g, g) is g  # same strides and dtype: no copy
+    view = torch.randn(2, 32, 5, 9)[..., :6]  # not dense: empty_like gives contiguous strides
+    assert R.relayout_like(g, view).is_contiguous() and torch.equal(R.relayout_like(g, view), g)
     staged = R.to_channels_last(like.normal_())
     assert staged.is_contiguous(memory_format=torch.channels_last) and torch.equal(staged, like)
 

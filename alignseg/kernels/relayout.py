@@ -84,7 +84,8 @@ def relayout_like(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``g`` in the dtype and strides of ``torch.empty_like(like)`` (what the ops' fake kernels return for
     ``like``'s gradient): ``g.to(dtype)`` when the strides already match (``g`` itself if the dtype does too),
     else one tiled copy."""
-    out = torch.empty_like(like)
-    if g.stride() == out.stride():
+    dense = like.is_contiguous() or like.is_contiguous(memory_format=torch.channels_last)
+    if dense and g.stride() == like.stride():  # empty_like keeps a dense tensor's strides: no allocation to ask
         return g.to(like.dtype)
-    return relayout(g, out)
+    out = torch.empty_like(like)
+    return g.to(like.dtype) if g.stride() == out.stride() else relayout(g, out)
