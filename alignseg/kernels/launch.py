@@ -85,7 +85,8 @@ GPU_CONFIGS_CONTIGUOUS_FLOAT64: dict[str, LaunchConfig] = {
 }
 
 # Hopper (sm_90) overrides of GPU_CONFIGS, measured faster there. sm_80's ptxas cannot fit them: 255 registers and
-# a 1.2-1.4 KB stack under triton 3.6, 128-160 B under 3.9, where sm_90 takes 213-246 registers and no stack.
+# a 128-160 B stack under triton 3.9, a fallback to 32-64 registers and a 1.2-1.4 KB stack under 3.6, where sm_90
+# takes 213-246 registers and no stack.
 GPU_CONFIGS_SM90: dict[str, LaunchConfig] = {
     # 1.61x faster than 16x32 on 8 on an H200 (bf16, triton 3.6, N=8 C=256 219x219 <- 110x110: 3.11 against
     # 5.00 ms; python -m bench.profile_backward sweep, bench/results/h200-2026-11-27/run3_sweep.txt).
@@ -167,9 +168,10 @@ def stage_channels_last(features: torch.Tensor) -> bool:
     adjacent but whose copy would get vector loads (C a multiple of 16).
 
     A contiguous (NCHW) map's scatter sends each warp's atomics to 16-32 cache lines, a channels_last one's to one
-    or two: on an H200 (bf16, triton 3.6) the align_fa backward took 18.4 ms on contiguous maps and 5.0 ms on
-    channels_last ones, so copying grad, low and high (about 0.2 ms there) pays many times over. See
-    bench/README.md, "Contiguous maps in the backward".
+    or two. On an H200 (bf16, triton 3.6, the issue-12 shape) the atomic align_fa backward took 18.2 ms on
+    contiguous maps, 3.06 ms on channels_last ones, and 5.25 ms on contiguous maps staged through PyTorch's own
+    permuting copies; the tiled copy of relayout.py now does the staging (estimated 0.3 ms there, not yet
+    measured). See bench/README.md, "Contiguous maps in the backward".
     """
     return features.dim() == 4 and not contiguous_channels(features) and features.shape[1] % 16 == 0
 
