@@ -6,7 +6,8 @@ On a GPU, at the issue's shapes (align_fa: N=8, C=256, 219x219 <- 110x110; align
 shape of the Cityscapes crop, N=4, 219x219 <- 3x3), it times in one run: the copy bandwidth; today's
 atomic align_fa backward kernel; the deterministic source gradients by gathers and by the fixed-point
 scatter (both AlignFA forms); the
-authors' eager chain's backward (interpolate + two grid_sample); the AlignCM backward; and, for the first
+authors' eager chain's backward (interpolate + two grid_sample); the custom op per backward path (contiguous maps
+staged through channels_last, the staging copy itself timed beside PyTorch's); the AlignCM backward; and, for the first
 dtype and layout, the gathers again at smaller offsets (their window shrinks, their bytes do not). It prints each
 time against the bytes model of bench/README.md ("Backward: bytes moved") and checks that two runs of
 every deterministic path are bitwise equal. Without a GPU: tiny shapes under the interpreter, a smoke
@@ -96,6 +97,15 @@ def run(dtype_names, layout_names) -> int:
                     report(f"gathers (upsample-first), offsets {scale}·N(0,1)",
                            lambda small=small: align_fa_backward_deterministic(grad, low, high, small),
                            model["gathers"], model["minimum"] - model["per_pixel"])
+            if lname == "contiguous":
+                # The staging of contiguous maps (launch.stage_channels_last): one map's copy into channels_last, by
+                # the tiled kernel the ops use and by PyTorch's permuting copy, on the bytes it must move.
+                from alignseg.kernels.relayout import to_channels_last
+
+                report("staging copy of grad, tiled (relayout)", lambda: to_channels_last(grad), 2 * e * grad.numel(),
+                       2 * e * grad.numel())
+                report("staging copy of grad, PyTorch", lambda: grad.contiguous(memory_format=torch.channels_last),
+                       2 * e * grad.numel(), 2 * e * grad.numel())
             # What the custom op runs per path, all three gradients: a contiguous map's kernels then run on
             # channels_last copies (launch.stage_channels_last), the copies included in the time.
             for path in ("atomic", "fixed_point", "gather"):
