@@ -54,6 +54,8 @@ def run(dtype_names, layout_names) -> int:
     from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
 
     failures = 0
+    times: dict[tuple[str, str, str], float] = {}  # (dtype, layout, row) -> median ms
+    minimum_bytes: dict[tuple[str, str], float] = {}  # (dtype, "align_fa" | "align_cm") -> bytes
     for dname in dtype_names:
         dtype = DTYPES[dname]
         e = torch.finfo(dtype).bits // 8
@@ -66,8 +68,11 @@ def run(dtype_names, layout_names) -> int:
             grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
             model = fa_bytes(e, n, c, H, W, h, w)
 
+            minimum_bytes[dname, "align_fa"] = model["minimum"]
+
             def report(name, fn, nbytes, minimum):
                 median, p20, p80 = measure(fn)
+                times[dname, lname, name] = median
                 gbs = nbytes / (median * 1e-3) / 1e9
                 print(f"{dname:5} {lname:13} {name:44} {median * 1e3:9.1f} us  [{p20 * 1e3:.1f}, {p80 * 1e3:.1f}]"
                       f"  model {nbytes / 1e6:8.1f} MB -> {gbs:7.0f} GB/s = {100 * gbs / bandwidth:5.1f} % copy"
@@ -113,13 +118,13 @@ def run(dtype_names, layout_names) -> int:
                     with use_backward(path):
                         return torch.ops.alignseg.align_fa_backward(grad, low, high, offsets, True)
 
-                report(f"op backward, {path} path (upsample-first)", op, model["minimum"], model["minimum"])
+                report(op_row(path), op, model["minimum"], model["minimum"])
                 if path != "atomic" and not all(torch.equal(x, y) for x, y in zip(op(), op())):
                     print(f"  NOT BITWISE REPRODUCIBLE: the op's {path} path")
                     failures += 1
             leaves = [t.detach().clone().requires_grad_(True) for t in (low, high, offsets)]
             out = align_fa_authors(leaves[0], leaves[1], leaves[2].to(dtype))
-            report("authors' chain backward (grid_sample)", lambda: out.backward(grad, retain_graph=True),
+            report(AUTHORS_ROW, lambda: out.backward(grad, retain_graph=True),
                    model["today"], model["minimum"])
 
             n, c, H, W = cm_shape
@@ -127,16 +132,54 @@ def run(dtype_names, layout_names) -> int:
             cm_offsets = (torch.randn(n, 2, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
             cm_grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
             cm_min = e * (n * c * H * W + 2 * n * c * 9) + 16 * n * H * W
+            minimum_bytes[dname, "align_cm"] = cm_min
             report("align_cm backward (deterministic)", lambda: align_cm_backward(cm_grad, context, cm_offsets),
                    cm_min, cm_min)
-            report("align_cm op backward (deterministic)",
+            report(CM_OP_ROW,
                    lambda: torch.ops.alignseg.align_cm_backward(cm_grad, context, cm_offsets), cm_min, cm_min)
             a, b = align_cm_backward(cm_grad, context, cm_offsets), align_cm_backward(cm_grad, context, cm_offsets)
             if not all(torch.equal(x, y) for x, y in zip(a, b)):
                 print("  NOT BITWISE REPRODUCIBLE: align_cm backward")
                 failures += 1
+    print_targets(times, minimum_bytes, bandwidth)
     print("bitwise reproducible: all" if not failures else f"{failures} paths not reproducible")
     return 1 if failures else 0
+
+
+AUTHORS_ROW = "authors' chain backward (grid_sample)"
+CM_OP_ROW = "align_cm op backward (deterministic)"
+
+
+def op_row(path: str) -> str:
+    return f"op backward, {path} path (upsample-first)"
+
+
+def print_targets(times: dict, minimum_bytes: dict, bandwidth: float) -> None:
+    """Issue 12's targets, read off the rows above for each dtype measured (a target whose rows were not run is
+    left out): what the op gives a user, channels_last unless it says otherwise."""
+    def percent_of_copy(nbytes, ms):
+        return 100 * nbytes / (ms * 1e-3) / 1e9 / bandwidth
+
+    for dname in dict.fromkeys(d for d, _, _ in times):
+        atomic, fixed = times.get((dname, "channels_last", op_row("atomic"))), times.get(
+            (dname, "channels_last", op_row("fixed_point")))
+        authors, cm = times.get((dname, "channels_last", AUTHORS_ROW)), times.get((dname, "channels_last", CM_OP_ROW))
+        contiguous = times.get((dname, "contiguous", op_row("atomic")))
+        rows = []
+        if atomic:
+            rows.append(("align_fa backward on minimum bytes, % of copy", percent_of_copy(
+                minimum_bytes[dname, "align_fa"], atomic), ">= 60"))
+        if atomic and authors:
+            rows.append(("align_fa backward, x the authors' chain", authors / atomic, ">= 3"))
+        if atomic and fixed:
+            rows.append(("deterministic mode (fixed point), x the atomic path", fixed / atomic, "<= 1.15"))
+        if cm:
+            rows.append(("align_cm backward on minimum bytes, % of copy", percent_of_copy(
+                minimum_bytes[dname, "align_cm"], cm), ">= 50"))
+        if atomic and contiguous:
+            rows.append(("contiguous maps, x channels_last (atomic path)", contiguous / atomic, "<= 1.5"))
+        for what, value, target in rows:
+            print(f"target {dname:5} {what:54} {value:7.2f}  (issue 12: {target})")
 
 
 def main(argv: list[str] | None = None) -> int:
