@@ -26,6 +26,21 @@ from bench.common import HAS_GPU, SMOKE_BANNER, copy_bandwidth_gbs, device, meas
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# align_fa at issue 12's shape (N, C, H, W, h, w); tiny under the interpreter.
+FA_SHAPE = (8, 256, 219, 219, 110, 110) if HAS_GPU else (1, 4, 13, 11, 7, 6)
+
+
+def fa_inputs(dtype: torch.dtype, fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    """(low, high, offsets, grad) of align_fa at :data:`FA_SHAPE`: random features, offsets of 1.5·N(0, 1) px."""
+    n, c, H, W, h, w = FA_SHAPE
+    dev = device()
+    low = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    high = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    offsets = (torch.randn(n, 4, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
+    grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    return low, high, offsets, grad
+
+
 WINDOW_SCALES = (0.5, 0.2)  # offset scales (px) of the window-sensitivity rows; the main rows use 1.5
 
 
@@ -43,7 +58,6 @@ def fa_bytes(e: int, n: int, c: int, H: int, W: int, h: int, w: int) -> dict[str
 
 def run(dtype_names, layout_names) -> int:
     dev = device()
-    fa_shape = (8, 256, 219, 219, 110, 110) if HAS_GPU else (1, 4, 13, 11, 7, 6)
     cm_shape = (4, 256, 219, 219) if HAS_GPU else (1, 4, 13, 11)
     if not HAS_GPU:
         print(SMOKE_BANNER)
@@ -61,11 +75,8 @@ def run(dtype_names, layout_names) -> int:
         e = torch.finfo(dtype).bits // 8
         for lname in layout_names:
             fmt = LAYOUTS[lname]
-            n, c, H, W, h, w = fa_shape
-            low = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
-            high = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=fmt)
-            offsets = (torch.randn(n, 4, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
-            grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            n, c, H, W, h, w = FA_SHAPE
+            low, high, offsets, grad = fa_inputs(dtype, fmt)
             model = fa_bytes(e, n, c, H, W, h, w)
 
             minimum_bytes[dname, "align_fa"] = model["minimum"]

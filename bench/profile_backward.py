@@ -18,21 +18,16 @@ import argparse
 
 import torch
 
-from bench.common import HAS_GPU, SMOKE_BANNER, device, measure  # sets TRITON_INTERPRET without a GPU
+from bench.common import HAS_GPU, SMOKE_BANNER, measure  # sets TRITON_INTERPRET without a GPU
+from bench.deterministic_backward import DTYPES, LAYOUTS, fa_inputs
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 # (block_p, max_block_c, num_warps) tried per kernel, besides the table's own.
 CANDIDATES = ((16, 64, 8), (32, 32, 8), (64, 16, 8), (64, 8, 4), (128, 8, 8))
 
 
-def inputs(dtype: torch.dtype, fmt: torch.memory_format, shape=None):
-    n, c, H, W, h, w = shape or ((8, 256, 219, 219, 110, 110) if HAS_GPU else (1, 4, 13, 11, 7, 6))
-    dev = device()
-    low = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
-    high = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=fmt)
-    offsets = (torch.randn(n, 4, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
-    grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+def inputs(dtype: torch.dtype, fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    """(grad, low, high, offsets), the backward launchers' argument order, at issue 12's shape."""
+    low, high, offsets, grad = fa_inputs(dtype, fmt)
     return grad, low, high, offsets
 
 
