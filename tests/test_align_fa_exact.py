@@ -17,7 +17,9 @@ from alignseg.ops.backend import triton_available
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 # (coarse h, w) -> (fine H, W)
-SIZES = [((13, 13), (26, 26)), ((9, 9), (17, 17)), ((7, 11), (13, 21)), ((1, 5), (4, 9)), ((6, 1), (11, 1))]
+# The last is larger than the fine map along one axis: the kernels' unmerged 16 taps (align_fa.merged_cells).
+SIZES = [((13, 13), (26, 26)), ((9, 9), (17, 17)), ((7, 11), (13, 21)), ((1, 5), (4, 9)), ((6, 1), (11, 1)),
+         ((5, 12), (9, 7))]
 BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="needs triton")),
     "reference",
@@ -89,6 +91,52 @@ def test_exact_kernels_gradcheck_fp64():
     low, high, offsets = (t.requires_grad_(True) for t in make_inputs((4, 3), (7, 5), channels=2, dtype=torch.float64))
     with use_backend("triton"):
         assert torch.autograd.gradcheck(align_fa, (low, high, offsets), fast_mode=True)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("path", ["forward", "atomic", "fixed_point"])
+def test_merged_coarse_cells_match_the_sixteen_taps(path, layout):
+    """A coarse map no larger than the fine one: each pixel's 16 coarse taps (4 fine taps of U, 4 coarse taps
+    each) are merged into at most 3x3 cells (bilinear.upsampled_cell_*). Against the same kernels with the 16
+    taps: the same values to rounding, and the same elements non-finite when the output gradient has NaN and
+    inf. Integer offsets in some rows give fine taps of weight 0."""
+    from alignseg.kernels import align_fa as kernels
+    from alignseg.kernels.fixed_point import finalize
+
+    low, high, offsets = make_inputs((5, 4), (9, 7), layout=layout)
+    offsets[:, :, 2:4] = offsets[:, :, 2:4].round()
+    grad = torch.randn(2, 3, 9, 7).contiguous(memory_format=layout)
+    grad[0, 0, 4, 4] = float("nan")
+    grad[0, 1, 2, 2] = float("inf")  # an integer-offset row
+    grad[1, 2, 6, 3] = -float("inf")
+    grad[1, 2, 6, 4] = float("inf")
+    grad[1, 0, 0, 0] = float("inf")  # a corner: taps leave the map
+    assert kernels.merged_cells(low, high, True) and not kernels.merged_cells(low, high, False)
+    assert not kernels.merged_cells(high, low, True)
+
+    def gradients(merged):
+        if path == "forward":
+            launch, out = kernels.plan_align_fa_forward(low, high, offsets)
+            launch.constexprs["MERGED_CELLS"] = merged
+            launch()
+            return (out,)
+        if path == "atomic":
+            launch, (_, grad_high, grad_offsets) = kernels.plan_align_fa_backward(grad, low, high, offsets)
+            launch.constexprs["MERGED_CELLS"] = merged
+            launch()
+            return grad_high, grad_offsets
+        launch, (_, _, sums, flags, scale) = kernels.plan_align_fa_fixed_point_scatter(grad, low, high, offsets)
+        launch.constexprs["MERGED_CELLS"] = merged
+        launch()
+        return (finalize(sums, flags, scale, torch.float32),)
+
+    names = ("out",) if path == "forward" else ("grad_high", "grad_offsets")
+    for name, merged, taps in zip(names, gradients(True), gradients(False)):
+        finite = torch.isfinite(taps)
+        assert torch.equal(torch.isfinite(merged), finite), name
+        assert finite.all() if path == "forward" else not finite.all(), name
+        torch.testing.assert_close(merged[finite], taps[finite], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

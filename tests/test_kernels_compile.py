@@ -45,7 +45,8 @@ from alignseg.ops.backend import triton_available
 KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step", "align_fa_backward_one_step",
            "align_fa_backward_offsets", "align_fa_backward_offsets_one_step", "align_cm_forward", "align_cm_backward",
            "align_fa_fixed_point_scatter", "align_fa_fixed_point_scatter_one_step", "fixed_point_finalize",
-           "relayout", "relayout_cast"}
+           "relayout", "relayout_cast", "align_fa_forward_high_larger", "align_fa_backward_high_larger",
+           "align_fa_fixed_point_scatter_high_larger"}
 # The deterministic backward's kernels (alignseg/kernels/align_fa_gather.py, the context reduction of align_cm).
 GATHER_KERNELS = {"align_cm_reduce_context", "gather_warp", "gather_upsample", "align_fa_gather",
                   "align_fa_gather_one_step", "gather_window", "scatter_transpose"}

@@ -2,7 +2,9 @@
 
 * ``True`` (the authors' function): ``out = W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])``, the
   same-size warp ``W`` of the align-corners upsampling ``U(high)`` to low's size, with ``U`` evaluated
-  from the coarse map at each in-range warp tap (never stored);
+  from the coarse map at each in-range warp tap (never stored). With ``MERGED_CELLS`` (a coarse map no larger
+  than low, :func:`merged_cells`) a pixel's 4 warp taps times U's 4 coarse taps fall on at most 3x3 coarse
+  cells with separable weights, so the kernels read (and the backward scatters into) 9 cells, not 16;
 * ``False`` (the one-step variant): ``out = S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``.
 
 ``S``, ``W`` (``S`` of a map as large as the output) and ``U`` are the bilinear rules of
@@ -31,11 +33,13 @@ from .bilinear import (
     tile_mask,
     tile_pointers,
     unit_scale,
+    upsampled_cell_gradients,
+    upsampled_cell_sample_tile,
     upsampled_sample_tile,
     upsampled_tap,
     upsampled_tap_gradients,
 )
-from .fixed_point import SCATTER_FIXED, finalize, fixed_point_buffers, fixed_point_scale
+from .fixed_point import SCATTER_FIXED, SCATTER_FLOAT, finalize, fixed_point_buffers, fixed_point_scale
 from .launch import (
     KernelLaunch,
     LaunchConfig,
@@ -69,6 +73,7 @@ def align_fa_forward_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
+    MERGED_CELLS: tl.constexpr,  # UPSAMPLE_FIRST with h <= H and w <= W (see merged_cells)
     PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
@@ -91,7 +96,11 @@ def align_fa_forward_kernel(
                                sx_warp, warp_w)
     y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                sy_warp, warp_h)
-    if UPSAMPLE_FIRST:
+    if MERGED_CELLS:
+        acc = upsampled_cell_sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h,
+                                         high_stride_w, x0, y0, fx, fy, H, W, sx_high, sy_high, h, w, mask_p, mask_c,
+                                         PIXELS_LAST)
+    elif UPSAMPLE_FIRST:
         acc = upsampled_sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h, high_stride_w,
                                     x0, y0, fx, fy, H, W, sx_high, sy_high, h, w, mask_p, mask_c, PIXELS_LAST)
     else:
@@ -114,8 +123,9 @@ def align_fa_forward_kernel(
 # all channels, so one program owns a block of pixels and loops over channel blocks, writing each
 # offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer
 # (UPSAMPLE_FIRST: src[t] is U(high) at a fine tap, and d out / d high scatters grad * w_t * u_k into
-# U's coarse taps k). SCATTER_SOURCES=False writes the offsets' gradient only (the source gradients
-# come from the gathers of align_fa_gather.py): the buffer pointers are then never touched.
+# U's coarse taps k, merged into 3x3 cells with MERGED_CELLS). SCATTER_SOURCES=False writes the offsets'
+# gradient only (the source gradients come from the gathers of align_fa_gather.py or the fixed-point scatter):
+# the buffer pointers are then never touched.
 # Grid: (pixel blocks, N).
 @triton.jit
 def align_fa_backward_kernel(
@@ -139,6 +149,7 @@ def align_fa_backward_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
+    MERGED_CELLS: tl.constexpr,  # UPSAMPLE_FIRST with h <= H and w <= W (see merged_cells)
     SCATTER_SOURCES: tl.constexpr,
     PIXELS_LAST: tl.constexpr,
 ):
@@ -178,7 +189,14 @@ def align_fa_backward_kernel(
         grad = tl.load(tile_pointers(grad_at, grad_pixel_at, channels * grad_stride_c, PIXELS_LAST),
                        mask=tile_mask(mask_p, mask_c, PIXELS_LAST), other=0.0)
         grad = grad.to(ACC_DTYPE)
-        if UPSAMPLE_FIRST:
+        if MERGED_CELLS:
+            dfx, dfy = upsampled_cell_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n,
+                                                grad_high_ptr, 1.0, grad, channels, high_stride_c, high_stride_h,
+                                                high_stride_w, gh_stride_c, gh_stride_h, gh_stride_w,
+                                                hx0, hy0, hfx, hfy, H, W, sx_high, sy_high, h, w, mask_p, mask_c,
+                                                OFFSETS=True, SCATTER=SCATTER_FLOAT if SCATTER_SOURCES else 0,
+                                                PIXELS_LAST=PIXELS_LAST)
+        elif UPSAMPLE_FIRST:
             dfx, dfy = upsampled_tap_gradients(high_ptr + n * high_stride_n, grad_high_ptr + n * gh_stride_n, grad,
                                                channels, high_stride_c, high_stride_h, high_stride_w,
                                                gh_stride_c, gh_stride_h, gh_stride_w,
@@ -210,8 +228,8 @@ def align_fa_backward_kernel(
 # fixed-point atomics (fixed_point.py: the sums do not depend on the order). Scatter only: no source taps are
 # loaded and no offset gradient is formed (align_fa_offsets_backward writes that), which keeps it light where
 # the per-pixel backward with fixed-point atomics ran out of registers. UPSAMPLE_FIRST: each of the 4 warp
-# taps on U(high)'s grid is spread over its 4 coarse cells (16 cells a pixel). Grid: (pixel blocks, channel
-# blocks, N).
+# taps on U(high)'s grid is spread over its 4 coarse cells (16 cells a pixel, 3x3 merged ones with MERGED_CELLS).
+# Grid: (pixel blocks, channel blocks, N).
 @triton.jit
 def align_fa_scatter_kernel(
     sums_low_ptr,  # [N, C, H, W] int64, zero-filled
@@ -231,6 +249,7 @@ def align_fa_scatter_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
+    MERGED_CELLS: tl.constexpr,  # UPSAMPLE_FIRST with h <= H and w <= W (see merged_cells)
     PIXELS_LAST: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
@@ -262,10 +281,18 @@ def align_fa_scatter_kernel(
     high_at = sums_high_ptr + n * gh_stride_n
     high_flags_at = flags_high_ptr + n * gh_stride_n
     if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
-        hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                     sx_low, W)
-        hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                     sy_low, H)
+        sx_warp, sy_warp, warp_h, warp_w = sx_low, sy_low, H, W
+    else:
+        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
+    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sx_warp, warp_w)
+    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                                 sy_warp, warp_h)
+    if MERGED_CELLS:
+        upsampled_cell_gradients(high_at, high_at, high_flags_at, fixed_scale, grad, channels, 0, 0, 0,
+                                 gh_stride_c, gh_stride_h, gh_stride_w, hx0, hy0, hfx, hfy, H, W, sx_high, sy_high,
+                                 h, w, mask_p, mask_c, OFFSETS=False, SCATTER=SCATTER_FIXED, PIXELS_LAST=PIXELS_LAST)
+    elif UPSAMPLE_FIRST:
         for DY in tl.static_range(2):
             for DX in tl.static_range(2):
                 weight, _, _, inside, cx0, cy0, cfx, cfy = upsampled_tap(hx0, hy0, hfx, hfy, H, W, sx_high, sy_high,
@@ -274,12 +301,14 @@ def align_fa_scatter_kernel(
                              gh_stride_c, gh_stride_h, gh_stride_w, cx0, cy0, cfx, cfy, h, w, inside & mask_p, mask_c,
                              SCATTER_FIXED, PIXELS_LAST)
     else:
-        hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                     sx_high, w)
-        hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                     sy_high, h)
         scatter_tile(high_at, high_flags_at, fixed_scale, grad, channels, gh_stride_c, gh_stride_h, gh_stride_w,
                      hx0, hy0, hfx, hfy, h, w, mask_p, mask_c, SCATTER_FIXED, PIXELS_LAST)
+
+
+def merged_cells(low: torch.Tensor, high: torch.Tensor, upsample_first: bool) -> bool:
+    """Whether the exact form's backward merges each pixel's 16 coarse taps into at most 3x3 cells
+    (``bilinear.upsampled_cell_gradients``): a coarse map no larger than the fine one along either axis."""
+    return bool(upsample_first) and high.shape[-2] <= low.shape[-2] and high.shape[-1] <= low.shape[-1]
 
 
 def plan_align_fa_forward(
@@ -307,7 +336,8 @@ def plan_align_fa_forward(
         args=(out, low, high, offsets, *strides(out), *strides(low), *strides(high), *strides(offsets), c, H, W, h, w,
               host_scale(w, W), host_scale(h, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(low.dtype)[1],
-                        UPSAMPLE_FIRST=bool(upsample_first), PIXELS_LAST=pixels_last(low)),
+                        UPSAMPLE_FIRST=bool(upsample_first), MERGED_CELLS=merged_cells(low, high, upsample_first),
+                        PIXELS_LAST=pixels_last(low)),
         num_warps=cfg.num_warps,
     )
     return launch, out
@@ -367,7 +397,8 @@ def plan_align_fa_backward(
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first), SCATTER_SOURCES=bool(scatter_sources),
+                        UPSAMPLE_FIRST=bool(upsample_first), MERGED_CELLS=merged_cells(low, high, upsample_first),
+                        SCATTER_SOURCES=bool(scatter_sources),
                         PIXELS_LAST=pixels_last(low)),
         num_warps=cfg.num_warps,
     )
@@ -437,7 +468,8 @@ def plan_align_fa_fixed_point_scatter(
               *strides(sums_low), *strides(sums_high), *strides(grad), *strides(offsets),
               c, H, W, h, w, host_scale(w, W), host_scale(h, H)),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=block_c, ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first), PIXELS_LAST=pixels_last(low)),
+                        UPSAMPLE_FIRST=bool(upsample_first), MERGED_CELLS=merged_cells(low, high, upsample_first),
+                        PIXELS_LAST=pixels_last(low)),
         num_warps=cfg.num_warps,
     )
     return launch, (sums_low, flags_low, sums_high, flags_high, scale)

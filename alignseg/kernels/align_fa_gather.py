@@ -62,6 +62,7 @@ from .bilinear import (
     tile_offsets,
     tile_pointers,
     unit_scale,
+    upsampled_axis_weight,
     zero_tile,
 )
 from .fixed_point import SCATTER_FLOAT
@@ -141,23 +142,11 @@ def composite_axis_weight(index, shift, fine_size, up_scale, target_size, target
     """(weight, hit) of coarse index ``target`` for output index ``index`` in W(U(high), d) along one axis.
 
     The output reads fine taps f0, f0 + 1 (zero outside the fine map); a fine tap p is the upsample of the
-    coarse map at p * up_scale, from coarse taps u0, u0 + 1.
+    coarse map at p * up_scale, from coarse taps u0, u0 + 1 (:func:`~alignseg.kernels.bilinear.upsampled_axis_weight`).
     """
     f0, ff = source_coordinate(index, shift, unit_scale(fine_size, ACC_DTYPE), fine_size)
-    weight = tl.zeros(index.shape, dtype=ACC_DTYPE)
-    hits = tl.zeros(index.shape, dtype=tl.int32)
-    for D in tl.static_range(2):
-        p = f0 + D
-        if D == 1:
-            wf = ff
-        else:
-            wf = 1.0 - ff
-        u0, uf = source_coordinate(p.to(ACC_DTYPE), 0.0, up_scale, target_size)
-        d = target - u0
-        tap_hit = (p >= 0) & (p < fine_size) & ((d == 0) | (d == 1))
-        weight += tl.where(tap_hit, wf * tl.where(d == 0, 1.0 - uf, uf), 0.0)
-        hits += tap_hit.to(tl.int32)
-    return weight, hits > 0
+    weight, _, hit = upsampled_axis_weight(f0, ff, fine_size, up_scale, target_size, target)
+    return weight, hit
 
 
 @triton.jit

@@ -59,6 +59,9 @@ class KernelReport:
     # such tiles): a contiguous map wants a long pixel span, a channels_last map a long channel span.
     pixel_span: int
     channel_span: int
+    # Atomic instructions in the PTX by form, e.g. "add.v4.f32 x13" (a vector atomic adds 4 elements in one
+    # instruction; the fixed-point path's add.u64 is scalar): static counts, not executions.
+    atomics: str = ""
 
 
 def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[str, int] = EXAMPLE_SHAPE):
@@ -77,6 +80,7 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
         return torch.empty(s["n"], channels, h, w, dtype=dt, device="meta", memory_format=layout)
 
     low, high = feature(s["out_h"], s["out_w"]), feature(s["coarse_h"], s["coarse_w"])
+    larger = feature(s["out_h"] + 1, s["out_w"] + 1)  # a "coarse" map larger than low: the exact form's 16 taps
     context = feature(s["context"], s["context"])
     grad = feature(s["out_h"], s["out_w"])
     fa_offsets = feature(s["out_h"], s["out_w"], 4, torch.float32)
@@ -101,6 +105,11 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
          plan_align_fa_fixed_point_scatter(grad, low, high, fa_offsets, upsample_first=False)[0]),
         ("fixed_point_finalize", plan_fixed_point_finalize(grad_low, *fixed_point_buffers(grad_low),
                                                            window.new_empty((), dtype=accumulation_dtype(dtype)[0]))),
+        # The exact form where high is larger than low: each pixel's 16 coarse taps unmerged (align_fa.merged_cells).
+        ("align_fa_forward_high_larger", plan_align_fa_forward(low, larger, fa_offsets)[0]),
+        ("align_fa_backward_high_larger", plan_align_fa_backward(grad, low, larger, fa_offsets)[0]),
+        ("align_fa_fixed_point_scatter_high_larger",
+         plan_align_fa_fixed_point_scatter(grad, low, larger, fa_offsets)[0]),
         ("align_cm_forward", plan_align_cm_forward(context, cm_offsets, low)[0]),
         ("align_cm_backward", plan_align_cm_backward(grad, context, cm_offsets)[0]),
         ("align_cm_reduce_context", plan_reduce_context_partials(partial, context)[0]),
@@ -258,6 +267,20 @@ def first_axis_wins_ties(arch: int = 90) -> bool:
     return rows_span == 32
 
 
+def atomic_ops(ptx: str) -> str:
+    """The atomic and reduction instructions of a PTX listing by form (operation, vector width, type), with their
+    static counts: ``"add.v4.f32 x13, or.b32 x2"`` ("" for none). Scope, memory order and state space are dropped."""
+    forms: dict[str, int] = {}
+    for match in re.finditer(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)((?:\.\w+)+)", ptx, re.M):
+        parts = [p for p in match[1].split(".")[1:] if p not in ATOMIC_QUALIFIERS]
+        form = ".".join(parts)
+        forms[form] = forms.get(form, 0) + 1
+    return ", ".join(f"{form} x{count}" for form, count in forms.items())
+
+
+ATOMIC_QUALIFIERS = {"global", "shared", "gpu", "cta", "sys", "relaxed", "acquire", "release", "acq_rel", "noftz"}
+
+
 def cubin_usage(cubin: bytes) -> tuple[int, int, int]:
     """(registers, local memory bytes, stack bytes) per thread of the cubin Triton built.
 
@@ -303,7 +326,7 @@ def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_la
                             name, shape, arch, dtype, layout, block_pixels(launch.constexprs),
                             launch.constexprs.get("BLOCK_C", 1),  # the window reduction has no channels
                             launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
-                            *warp_spans(compiled.asm["ttgir"], launch.constexprs),
+                            *warp_spans(compiled.asm["ttgir"], launch.constexprs), atomic_ops(compiled.asm["ptx"]),
                         ))
     return rows, errors
 
@@ -332,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
     else:
         header = (f"{'kernel':<26} {'shape':<8} {'sm':>3} {'dtype':<9} {'layout':<13} {'BLOCK_P':>7} {'BLOCK_C':>7} "
-                  f"{'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8} {'warp px x ch':>12}")
+                  f"{'warps':>5} {'regs':>5} {'local (B)':>9} {'stack (B)':>9} {'smem (B)':>8} {'warp px x ch':>12}  "
+                  "atomics (PTX)")
         print(header)
         for r in rows:
             print(f"{r.kernel:<26} {r.shape:<8} {r.arch:>3} {r.dtype:<9} {r.layout:<13} {r.block_p:>7} {r.block_c:>7} "
                   f"{r.num_warps:>5} {r.registers:>5} {r.local_bytes:>9} {r.stack_bytes:>9} {r.shared_bytes:>8} "
-                  f"{f'{r.pixel_span} x {r.channel_span}':>12}")
+                  f"{f'{r.pixel_span} x {r.channel_span}':>12}  {r.atomics}")
     for error in errors:
         print("compile error:", error, file=sys.stderr)
     if errors:
