@@ -207,7 +207,7 @@ def gpu_backward_configs() -> list:
     from alignseg.kernels import launch
 
     tables = (launch.GPU_CONFIGS, launch.GPU_CONFIGS_CONTIGUOUS, launch.GPU_CONFIGS_SM90)
-    names = ("align_fa_backward", "align_fa_backward_exact", "align_cm_backward")
+    names = ("align_fa_backward", "align_fa_backward_exact", "align_fa_backward_exact_16_taps", "align_cm_backward")
     return sorted({table[name] for table in tables for name in names if name in table},
                   key=lambda c: (c.block_p, c.max_block_c, c.num_warps))
 

@@ -385,7 +385,10 @@ def plan_align_fa_backward(
         grad_low = grad_high = torch.empty(0, dtype=acc_torch, device=low.device)
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
-    cfg = launch_config("align_fa_backward_exact" if upsample_first else "align_fa_backward", low, config)
+    merged = merged_cells(low, high, upsample_first)
+    name = "align_fa_backward" if not upsample_first else (
+        "align_fa_backward_exact" if merged else "align_fa_backward_exact_16_taps")
+    cfg = launch_config(name, low, config)
     buffer_strides = (*strides(grad_low), *strides(grad_high)) if scatter_sources else (0,) * 8
     launch = KernelLaunch(
         align_fa_backward_kernel,
@@ -397,8 +400,7 @@ def plan_align_fa_backward(
             c, H, W, h, w, host_scale(w, W), host_scale(h, H),
         ),
         constexprs=dict(BLOCK_P=cfg.block_p, BLOCK_C=channel_block(c, cfg), ACC_DTYPE=acc_triton,
-                        UPSAMPLE_FIRST=bool(upsample_first), MERGED_CELLS=merged_cells(low, high, upsample_first),
-                        SCATTER_SOURCES=bool(scatter_sources),
+                        UPSAMPLE_FIRST=bool(upsample_first), MERGED_CELLS=merged, SCATTER_SOURCES=bool(scatter_sources),
                         PIXELS_LAST=pixels_last(low)),
         num_warps=cfg.num_warps,
     )

@@ -35,6 +35,8 @@ GPU_CONFIGS: dict[str, LaunchConfig] = {
     # The exact (upsample-first) form reads up to 16 coarse taps per output pixel: smaller backward tiles.
     "align_fa_forward_exact": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
+    # A coarse map larger than the fine one: the exact form's 16 coarse taps a pixel, unmerged (align_fa.merged_cells).
+    "align_fa_backward_exact_16_taps": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_cm_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=32, max_block_c=64, num_warps=8),
     # The deterministic fixed-point scatter of the sources (no source taps loaded; int64 atomics): the integer
@@ -54,7 +56,12 @@ GPU_CONFIGS_CONTIGUOUS: dict[str, LaunchConfig] = {
     # registers under triton 3.9 in the 1-row and 1-column shapes; 32x8 on 8 compiles the whole matrix clean.
     "align_fa_backward": LaunchConfig(block_p=32, max_block_c=8, num_warps=8),
     "align_fa_forward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
-    "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
+    # With the coarse cells merged (align_fa.merged_cells) the exact backward needs fewer registers, and at 16x16
+    # on 8 ptxas (triton 3.9) aimed for 128 of them and left 8-24 B stacks at sm_80; 16x8 and 32x8 on 8, 32x8 and
+    # 16x8 on 4 and 32x16 on 8 also spilled somewhere in the matrix. 16x16 on 4: none, 254 registers at most
+    # (1-row maps, C = 20). The 16 taps keep 16x16 on 8 (on 4 they spilled 56-584 B).
+    "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=4),
+    "align_fa_backward_exact_16_taps": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
     # 64x32 on 8 warps spilled 28 B at 80 registers in fp16 at sm_90 (ptxas with triton 3.9's
     # --regAllocOptLevel=2, its workaround for a ptxas 13 bug; without that option there is no spill), and with
     # oriented tiles 32x32 on 4 spilled 8 B (fp16, sm_80). align_cm_backward: 32x16 on 4 spilled 8 B under 3.9
@@ -75,10 +82,13 @@ GPU_CONFIGS_FLOAT64: dict[str, LaunchConfig] = {
     "align_fa_backward": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     "align_fa_forward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
+    "align_fa_backward_exact_16_taps": LaunchConfig(block_p=16, max_block_c=16, num_warps=8),
 }
 GPU_CONFIGS_CONTIGUOUS_FLOAT64: dict[str, LaunchConfig] = {
     "align_fa_backward": LaunchConfig(block_p=32, max_block_c=4, num_warps=4),  # 32x8 on 8: 8-24 B stacks
-    "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=8, num_warps=8),
+    # 16x8 on 8 (and 16x8 on 4): 8-16 B stacks once the coarse cells were merged; 32x4 on 4 compiles clean.
+    "align_fa_backward_exact": LaunchConfig(block_p=32, max_block_c=4, num_warps=4),
+    "align_fa_backward_exact_16_taps": LaunchConfig(block_p=16, max_block_c=8, num_warps=8),
     "align_cm_backward": LaunchConfig(block_p=16, max_block_c=16, num_warps=4),
     # 16x32 on 8: an 8 B stack at sm_80 in 1-column maps once the finiteness test became a comparison (fixed_point.py).
     "align_fa_scatter_exact": LaunchConfig(block_p=32, max_block_c=8, num_warps=4),
@@ -91,6 +101,7 @@ GPU_CONFIGS_SM90: dict[str, LaunchConfig] = {
     # 1.61x faster than 16x32 on 8 on an H200 (bf16, triton 3.6, N=8 C=256 219x219 <- 110x110: 3.11 against
     # 5.00 ms; python -m bench.profile_backward sweep, bench/results/h200-2026-11-27/run3_sweep.txt).
     "align_fa_backward_exact": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
+    "align_fa_backward_exact_16_taps": LaunchConfig(block_p=32, max_block_c=32, num_warps=8),
 }
 
 INTERPRETER_CONFIG = LaunchConfig(block_p=1024, max_block_c=128, num_warps=1)
