@@ -34,7 +34,10 @@ by all C channels and negligible at C = 256): a bilinear sample is 4 multiply-ad
 backward scatters 4 products (8) and forms the two position derivatives from the 4 taps (8).
 The exact form of AlignFA evaluates U(high) at each of the 4 warp taps (4 x 8), then warps (8):
 40 FLOPs for ``high`` forward; backward it recomputes those U values (32), forms the two
-derivatives (8) and scatters into 16 coarse taps (32): 72.
+derivatives (8) and scatters into 16 coarse taps (32): 72. Those are the counts of the 16-tap kernels that
+runs 1-4 measured (bench/results/h200-2026-11-27); kept so their figures stay comparable. Since then, where the
+coarse map is no larger than the fine one, the kernels merge the 16 coarse taps into 9 cells
+(``alignseg.kernels.align_fa.merged_cells``): 18 FLOPs for ``high`` forward, about 58 backward.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ triton reads registers and local memory (spills) from the cubin. The kernels mus
 functions, so the report runs in subprocesses with ``TRITON_INTERPRET=0`` (this process imported them under
 the interpreter), one per arch, side by side on CI's two cores.
 
-The matrix: 18 kernels (the forward and backward of each op and form, the align_fa backward without its
-scatter, the fixed-point scatter of each form and its final pass, and the deterministic backward's gathers,
-window reduction, atomic fallback and context reduction) x {fp32, fp16, bf16, fp64} x {channels_last,
-contiguous} x 4 argument shapes x 2 archs = 1152 compiles.
+The matrix: 23 kernels (the forward and backward of each op and form, the align_fa backward without its
+scatter, the fixed-point scatter of each form and its final pass, the exact form's forward, backward and
+fixed-point scatter with a coarse map larger than the fine one (16 coarse taps a pixel, unmerged), the staging
+copies, and the deterministic backward's gathers, window reduction, atomic fallback and context reduction) x
+{fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes x 2 archs = 1472 compiles.
 The interpreter does not specialise, so
 this is the only test that sees the code Triton's JIT builds for each case. The shapes
 (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code: Triton turns an integer argument equal
