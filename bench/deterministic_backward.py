@@ -4,19 +4,21 @@
 
 On a GPU, at the issue's shapes (align_fa: N=8, C=256, 219x219 <- 110x110; align_cm: the stride-4 stress
 shape of the Cityscapes crop, N=4, 219x219 <- 3x3), it times in one run: the copy bandwidth; today's
-atomic align_fa backward kernel; the deterministic source gradients by gathers and by the fixed-point
-scatter (both AlignFA forms); the
-authors' eager chain's backward (interpolate + two grid_sample); the custom op per backward path (contiguous maps
-staged through channels_last, the staging copy itself timed beside PyTorch's); the AlignCM backward; and, for the first
-dtype and layout, the gathers again at smaller offsets (their window shrinks, their bytes do not). It prints each
-time against the bytes model of bench/README.md ("Backward: bytes moved") and checks that two runs of
-every deterministic path are bitwise equal. Without a GPU: tiny shapes under the interpreter, a smoke
-run whose timings mean nothing.
+atomic align_fa backward kernel, and beside it the kernel and the fixed-point scatter with the exact form's
+16 coarse taps a pixel instead of the merged 3x3 cells; the deterministic source gradients by gathers and by
+the fixed-point scatter (both AlignFA forms); the authors' eager chain's backward (interpolate + two
+grid_sample); the custom op per backward path (contiguous maps staged through channels_last, the staging copy
+itself timed beside PyTorch's); the AlignCM backward; and, for the first dtype and layout, the gathers again
+at smaller offsets (their window shrinks, their bytes do not). It prints each time against the bytes model of
+bench/README.md ("Backward: bytes moved"), issue 12's targets, and what the merged cells gained; and it checks
+that two runs of every deterministic path are bitwise equal. Without a GPU: tiny shapes under the interpreter,
+a smoke run whose timings mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -56,6 +58,20 @@ def fa_bytes(e: int, n: int, c: int, H: int, W: int, h: int, w: int) -> dict[str
                 gathers=e * (2 * M + m) + 32 * P, fixed_point=fixed)
 
 
+@contextlib.contextmanager
+def sixteen_coarse_taps():
+    """Plan the exact form's kernels with each pixel's 16 coarse taps, not the merged 3x3 cells
+    (``alignseg.kernels.align_fa.merged_cells``): the kernels of runs 1-4, timed beside today's in one run."""
+    from alignseg.kernels import align_fa
+
+    merged_cells = align_fa.merged_cells
+    align_fa.merged_cells = lambda low, high, upsample_first: False
+    try:
+        yield
+    finally:
+        align_fa.merged_cells = merged_cells
+
+
 def run(dtype_names, layout_names) -> int:
     dev = device()
     cm_shape = (4, 256, 219, 219) if HAS_GPU else (1, 4, 13, 11)
@@ -89,8 +105,13 @@ def run(dtype_names, layout_names) -> int:
                       f"  model {nbytes / 1e6:8.1f} MB -> {gbs:7.0f} GB/s = {100 * gbs / bandwidth:5.1f} % copy"
                       f"  (on minimum bytes {100 * minimum / (median * 1e-3) / 1e9 / bandwidth:5.1f} %)")
 
-            report("align_fa backward, today (atomic)", lambda: align_fa_backward(grad, low, high, offsets),
-                   model["today"], model["minimum"])
+            report(ATOMIC_ROW, lambda: align_fa_backward(grad, low, high, offsets), model["today"], model["minimum"])
+            # The exact form's coarse taps merged into 3x3 cells (the default) against the 16 taps runs 1-4 measured.
+            with sixteen_coarse_taps():
+                report(ATOMIC_16_TAPS_ROW, lambda: align_fa_backward(grad, low, high, offsets), model["today"],
+                       model["minimum"])
+                report(FIXED_POINT_16_TAPS_ROW, lambda: align_fa_sources_fixed_point(grad, low, high, offsets),
+                       model["fixed_point"], model["minimum"] - model["per_pixel"])
             # The two deterministic ways to the source gradients (the offsets' gradient is the same kernel for both).
             deterministic = (("gathers", align_fa_backward_deterministic, model["gathers"]),
                              ("fixed point", align_fa_sources_fixed_point, model["fixed_point"]))
@@ -158,6 +179,10 @@ def run(dtype_names, layout_names) -> int:
 
 
 AUTHORS_ROW = "authors' chain backward (grid_sample)"
+ATOMIC_ROW = "align_fa backward, today (atomic)"
+ATOMIC_16_TAPS_ROW = "align_fa backward, 16 taps (atomic)"
+FIXED_POINT_ROW = "fixed point grad_low+grad_high (upsample-first)"
+FIXED_POINT_16_TAPS_ROW = "fixed point grad_low+grad_high (16 taps)"
 CM_OP_ROW = "align_cm op backward (deterministic)"
 
 
@@ -191,6 +216,11 @@ def print_targets(times: dict, minimum_bytes: dict, bandwidth: float) -> None:
             rows.append(("contiguous maps, x channels_last (atomic path)", contiguous / atomic, "<= 1.5"))
         for what, value, target in rows:
             print(f"target {dname:5} {what:54} {value:7.2f}  (issue 12: {target})")
+        for layout in LAYOUTS:  # not a target: what merging the exact form's coarse taps gained
+            for merged, taps in ((ATOMIC_ROW, ATOMIC_16_TAPS_ROW), (FIXED_POINT_ROW, FIXED_POINT_16_TAPS_ROW)):
+                if times.get((dname, layout, merged)) and times.get((dname, layout, taps)):
+                    ratio = times[dname, layout, taps] / times[dname, layout, merged]
+                    print(f"merged {dname:5} {layout:13} {merged:40} {ratio:5.2f}x faster than the 16 taps")
 
 
 def main(argv: list[str] | None = None) -> int:
