@@ -32,7 +32,8 @@ class LaunchConfig:
 GPU_CONFIGS: dict[str, LaunchConfig] = {
     "align_fa_forward": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_fa_backward": LaunchConfig(block_p=16, max_block_c=64, num_warps=8),
-    # The exact (upsample-first) form reads up to 16 coarse taps per output pixel: smaller backward tiles.
+    # The exact (upsample-first) form reads up to 9 coarse cells per output pixel (16 taps where the coarse map is
+    # larger, align_fa.merged_cells): smaller backward tiles.
     "align_fa_forward_exact": LaunchConfig(block_p=64, max_block_c=64, num_warps=8),
     "align_fa_backward_exact": LaunchConfig(block_p=16, max_block_c=32, num_warps=8),
     # A coarse map larger than the fine one: the exact form's 16 coarse taps a pixel, unmerged (align_fa.merged_cells).
