@@ -54,6 +54,24 @@ from .launch import align_corners_scale as host_scale
 from .relayout import relayout_like
 
 
+# high's warp taps at a block of output pixels (offset channels 0, 1), shared by the kernels below.
+@triton.jit
+def high_warp_taps(shift_ptr, off_stride_c, shift_at, mask_p, rows_acc, cols_acc, sx_high, sy_high, H, W, h, w,
+                   UPSAMPLE_FIRST: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(x0, y0, fx, fy, sx_warp, sy_warp): the corners and fractions of high's warp taps on U(high)'s (H, W) grid
+    (UPSAMPLE_FIRST: high's offsets warp U(high), a map of low's size) or on high's own grid, and that grid's
+    scales (the offsets' gradient is scaled by them)."""
+    if UPSAMPLE_FIRST:
+        sx_warp, sy_warp, warp_h, warp_w = unit_scale(W, ACC_DTYPE), unit_scale(H, ACC_DTYPE), H, W
+    else:
+        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
+    x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               sx_warp, warp_w)
+    y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
+                               sy_warp, warp_h)
+    return x0, y0, fx, fy, sx_warp, sy_warp
+
+
 # out[n, c, i, j] = sum over the 4 taps t of high: w_t * high[n, c, t] + the same over the taps of low
 # (UPSAMPLE_FIRST: the taps t lie on U(high)'s fine grid and each is U's own 4-tap sum over high).
 # Grid: (pixel blocks, channel blocks, N); a program loads its pixels' four offsets once.
@@ -88,14 +106,8 @@ def align_fa_forward_kernel(
 
     sx_high = align_corners_scale(w, W, high_scale_x, ACC_DTYPE)
     sy_high = align_corners_scale(h, H, high_scale_y, ACC_DTYPE)
-    if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
-        sx_warp, sy_warp, warp_h, warp_w = unit_scale(W, ACC_DTYPE), unit_scale(H, ACC_DTYPE), H, W
-    else:
-        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
-    x0, fx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               sx_warp, warp_w)
-    y0, fy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                               sy_warp, warp_h)
+    x0, y0, fx, fy, _, _ = high_warp_taps(shift_ptr, off_stride_c, shift_at, mask_p, rows_acc, cols_acc, sx_high,
+                                          sy_high, H, W, h, w, UPSAMPLE_FIRST, ACC_DTYPE)
     if MERGED_CELLS:
         acc = upsampled_cell_sample_tile(high_ptr + n * high_stride_n, channels, high_stride_c, high_stride_h,
                                          high_stride_w, x0, y0, fx, fy, H, W, sx_high, sy_high, h, w, mask_p, mask_c,
@@ -164,14 +176,9 @@ def align_fa_backward_kernel(
     sy_high = align_corners_scale(h, H, high_scale_y, ACC_DTYPE)
     sx_low = unit_scale(W, ACC_DTYPE)
     sy_low = unit_scale(H, ACC_DTYPE)
-    if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
-        sx_warp, sy_warp, warp_h, warp_w = sx_low, sy_low, H, W
-    else:
-        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
-    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                 sx_warp, warp_w)
-    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                 sy_warp, warp_h)
+    hx0, hy0, hfx, hfy, sx_warp, sy_warp = high_warp_taps(shift_ptr, off_stride_c, shift_at, mask_p, rows_acc,
+                                                          cols_acc, sx_high, sy_high, H, W, h, w, UPSAMPLE_FIRST,
+                                                          ACC_DTYPE)
     lx0, lfx = source_coordinate(cols_acc, load_shift(shift_ptr, 2, off_stride_c, shift_at, mask_p, ACC_DTYPE),
                                  sx_low, W)
     ly0, lfy = source_coordinate(rows_acc, load_shift(shift_ptr, 3, off_stride_c, shift_at, mask_p, ACC_DTYPE),
@@ -280,14 +287,8 @@ def align_fa_scatter_kernel(
 
     high_at = sums_high_ptr + n * gh_stride_n
     high_flags_at = flags_high_ptr + n * gh_stride_n
-    if UPSAMPLE_FIRST:  # high's offsets warp U(high), a map of low's size
-        sx_warp, sy_warp, warp_h, warp_w = sx_low, sy_low, H, W
-    else:
-        sx_warp, sy_warp, warp_h, warp_w = sx_high, sy_high, h, w
-    hx0, hfx = source_coordinate(cols_acc, load_shift(shift_ptr, 0, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                 sx_warp, warp_w)
-    hy0, hfy = source_coordinate(rows_acc, load_shift(shift_ptr, 1, off_stride_c, shift_at, mask_p, ACC_DTYPE),
-                                 sy_warp, warp_h)
+    hx0, hy0, hfx, hfy, _, _ = high_warp_taps(shift_ptr, off_stride_c, shift_at, mask_p, rows_acc, cols_acc,
+                                              sx_high, sy_high, H, W, h, w, UPSAMPLE_FIRST, ACC_DTYPE)
     if MERGED_CELLS:
         upsampled_cell_gradients(high_at, high_at, high_flags_at, fixed_scale, grad, channels, 0, 0, 0,
                                  gh_stride_c, gh_stride_h, gh_stride_w, hx0, hy0, hfx, hfy, H, W, sx_high, sy_high,
