@@ -122,3 +122,35 @@ def test_warps_run_along_the_adjacent_addresses_of_each_layout(compiled_rows):
     assert not wrong, f"(kernel, dtype, layout, sm, pixel span, channel span) off the adjacent addresses: {wrong}"
     assert any(r.layout == "contiguous" and r.pixel_span >= 16 for r in example)
 
+
+
+def test_atomic_ops_reads_the_forms_of_atomic_instructions():
+    from alignseg.kernels.report import atomic_ops
+
+    ptx = """
+	@%p12 red.global.gpu.relaxed.add.v4.f32 [ %rd1 + 0 ], { %r1, %r2, %r3, %r4 };
+	@!%p3 atom.global.gpu.acq_rel.add.u64 %rd5, [%rd2], %rd3;
+	red.global.gpu.relaxed.or.b32 [%rd4], %r9;
+	red.global.gpu.relaxed.add.v4.f32 [ %rd1 + 16 ], { %r1, %r2, %r3, %r4 };
+	// red.global.add.f32 in a comment is not an instruction
+	ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd7 + 0 ];
+"""
+    assert atomic_ops(ptx) == "add.v4.f32 x2, add.u64 x1, or.b32 x1"
+    assert atomic_ops("ld.global.b32 %r1, [%rd1];") == ""
+
+
+def test_merged_coarse_cells_issue_fewer_atomics_and_channels_last_atomics_are_vectors(compiled_rows):
+    # The exact form's backward at the example shape (a coarse map half the fine one: merged 3x3 cells) against the
+    # same kernels with a coarse map larger than the fine one (16 taps a pixel): 13 atomic sites a pixel against 20.
+    def sites(kernel, dtype, layout, arch=90):
+        row = next(r for r in compiled_rows if (r["kernel"], r["shape"], r["arch"], r["dtype"], r["layout"])
+                   == (kernel, "example", arch, dtype, layout))
+        return row["atomics"], sum(int(part.rsplit("x", 1)[1]) for part in row["atomics"].split(", ") if part)
+
+    for kernel in ("align_fa_backward", "align_fa_fixed_point_scatter"):
+        for dtype in ("float32", "bfloat16"):
+            merged, taps = sites(kernel, dtype, "channels_last"), sites(f"{kernel}_high_larger", dtype, "channels_last")
+            assert merged[1] * 20 == taps[1] * 13, (kernel, dtype, merged, taps)
+    # channels_last float atomics add four channels an instruction (red.global.add.v4.f32 at sm_90).
+    forms, _ = sites("align_fa_backward", "float32", "channels_last")
+    assert forms.startswith("add.v4.f32"), forms

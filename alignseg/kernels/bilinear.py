@@ -10,7 +10,9 @@ All arithmetic runs in ``ACC_DTYPE`` (fp32, or fp64 for fp64 inputs).
 
 ``upsampled_sample_tile`` / ``upsampled_tap_gradients`` sample U(src), the align-corners bilinear
 upsampling of a coarse map to the output grid, without building it: each in-range tap of U is
-evaluated from its own four coarse taps (the authors' AlignFA: upsample, then warp).
+evaluated from its own four coarse taps (the authors' AlignFA: upsample, then warp). When the coarse map is no
+larger than U's grid, those 16 coarse taps fall on at most 3x3 cells with separable weights:
+``upsampled_cell_sample_tile`` / ``upsampled_cell_gradients`` visit the 9 cells instead (``upsampled_cell``).
 
 Tiles of pixels x channels come in two orientations, the constexpr ``PIXELS_LAST``: [BLOCK_P, BLOCK_C] or
 [BLOCK_C, BLOCK_P]. Which axis the lanes of a warp run along is the compiler's choice, and for a tap at a
