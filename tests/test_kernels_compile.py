@@ -26,6 +26,9 @@ to 1 into a constant and marks one divisible by 16, per argument.
 The full cross product is affordable, so nothing is sampled: about 0.6 s of CPU a compile with triton 3.9 and a
 fresh cache (measured with 704 of these compiles: 7.2 min of CPU, 8.8 min wall on a 2-core machine loaded by
 other jobs); the 832 take about 8.5 min of CPU, about 4.3 min on two idle cores with the two archs side by side.
+The 1472 of today took 9.9 min wall with an empty Triton cache (``TRITON_CACHE_DIR`` fresh, 2-core machine,
+2026-11-28): about half of CI's first lane there, whose whole run took 20.6 min with a cold cache. Triton's cache
+key includes each function's first line number, so an edit that moves the kernels' lines recompiles them all.
 The report needs triton >= 3.3.
 
 The deterministic backward's kernels (GATHER_KERNELS) are compiled in the same matrix; where their tiles
