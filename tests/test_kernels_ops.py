@@ -144,8 +144,8 @@ def test_align_fa_zero_offsets_is_interpolate(src_size):
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
-def test_align_cm_large_context_scatters():
-    # More cells than the per-program reduction handles: the backward scatters with atomics.
+def test_align_cm_large_context_gathers():
+    # More cells than the per-program reduction handles: the binned gather sums the context's gradient.
     from alignseg.kernels.align_cm import reduced_cells
 
     assert reduced_cells(9, 9) == 0 and reduced_cells(3, 3) == 16

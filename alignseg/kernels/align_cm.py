@@ -5,9 +5,8 @@ backward each program reduces its pixels' contributions per cell (one ``tl.dot``
 channel block) into its own slot of a partial-sum buffer [N, programs, cells, C], and a second small
 kernel sums the slots in a fixed order into the context gradient: no atomics, every gradient bitwise
 reproducible. Each program walks several pixel blocks, so the buffer stays about 1-10 % of the
-gradient's bytes. Contexts with more than ``MAX_REDUCED_CELLS`` cells take the gather transpose of
-:mod:`alignseg.kernels.align_fa_gather` (deterministic; outside deterministic mode an atomic scatter
-when the offsets reach too far, see there).
+gradient's bytes. Contexts with more than ``MAX_REDUCED_CELLS`` cells take the binned gather of
+:mod:`alignseg.kernels.align_fa_gather` (deterministic too).
 """
 
 from __future__ import annotations
@@ -16,14 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align_fa_gather import (
-    DIRECT,
-    MAX_GATHER_SHIFT,
-    gather_window_device,
-    launch_gather,
-    window_fits,
-    window_stays_on_device,
-)
+from .align_fa_gather import DIRECT, binned_transpose
 from .bilinear import (
     align_corners_scale,
     bilinear_tap,
@@ -113,17 +105,15 @@ def cell_weights(x0, y0, fx, fy, k1, k2, mask_p, CELLS: tl.constexpr):
 # d out / d context[cell, c] = sum over pixels p of W[p, cell] * grad[p, c] = (W^T @ grad)[cell, c]:
 # one tl.dot per (pixel block, channel block), summed over the program's pixel blocks into its own slot
 # of the partial buffer (REDUCE_CELLS; reduce_context_partials_kernel adds the slots). Contexts with more
-# than MAX_REDUCED_CELLS cells either scatter per tap with atomics (SCATTER) or leave grad_context to the
-# gather transpose (neither). Grid: (programs, N); program g owns pixel blocks [g, g + 1) * BLOCKS_PER_PROGRAM.
+# than MAX_REDUCED_CELLS cells leave grad_context to the binned gather (align_fa_gather.py).
+# Grid: (programs, N); program g owns pixel blocks [g, g + 1) * BLOCKS_PER_PROGRAM.
 @triton.jit
 def align_cm_backward_kernel(
-    grad_context_ptr,  # REDUCE_CELLS: [N, programs, k1 * k2, C] ACC_DTYPE partial sums, written by their owner;
-                       # SCATTER: [N, C, k1, k2] ACC_DTYPE buffer, zero-filled, accumulated with atomics
+    grad_context_ptr,  # REDUCE_CELLS: [N, programs, k1 * k2, C] ACC_DTYPE partial sums, written by their owner
     grad_offsets_ptr,  # [N, 2, H, W] written once per pixel
     grad_ptr,  # [N, C, H, W] gradient of the output
     context_ptr,  # [N, C, k1, k2]
     offsets_ptr,  # [N, 2, H, W]
-    gc_stride_n, gc_stride_c, gc_stride_h, gc_stride_w,
     go_stride_n, go_stride_c, go_stride_h, go_stride_w,
     grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
     ctx_stride_n, ctx_stride_c, ctx_stride_h, ctx_stride_w,
@@ -135,7 +125,6 @@ def align_cm_backward_kernel(
     BLOCK_C: tl.constexpr,
     CELLS: tl.constexpr,
     REDUCE_CELLS: tl.constexpr,
-    SCATTER: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PIXELS_LAST: tl.constexpr,
 ):
@@ -148,7 +137,6 @@ def align_cm_backward_kernel(
         mask_cells = cells < k1 * k2
         # this program's slot: partial[n, program, cell, c], cells x C contiguous
         slot_at = grad_context_ptr + (n * tl.num_programs(0) + tl.program_id(0)) * (k1 * k2) * C
-    scatter_at = grad_context_ptr + n * gc_stride_n
     first_block = tl.program_id(0) * BLOCKS_PER_PROGRAM
     last_block = tl.minimum(first_block + BLOCKS_PER_PROGRAM, tl.cdiv(H * W, BLOCK_P))
     for block in range(first_block, last_block):
@@ -176,10 +164,10 @@ def align_cm_backward_kernel(
             grad = tl.load(tile_pointers(grad_at, grad_pixel_at, channels * grad_stride_c, PIXELS_LAST),
                            mask=tile_mask(mask_p, mask_c, PIXELS_LAST), other=0.0)
             grad = grad.to(ACC_DTYPE)
-            block_dfx, block_dfy = tap_gradients(context_at, scatter_at, grad, channels,
-                                                 ctx_stride_c, ctx_stride_h, ctx_stride_w,
-                                                 gc_stride_c, gc_stride_h, gc_stride_w,
-                                                 x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=SCATTER,
+            # no scatter: the second pointer and its strides are unused
+            block_dfx, block_dfy = tap_gradients(context_at, context_at, grad, channels,
+                                                 ctx_stride_c, ctx_stride_h, ctx_stride_w, 0, 0, 0,
+                                                 x0, y0, fx, fy, k1, k2, mask_p, mask_c, SCATTER=False,
                                                  PIXELS_LAST=PIXELS_LAST)
             dfx += block_dfx
             dfy += block_dfy
@@ -267,7 +255,7 @@ def align_cm_forward(
 
 
 def reduced_cells(k1: int, k2: int) -> int:
-    """CELLS constexpr of the backward: 0 (scatter with atomics) for large contexts."""
+    """CELLS constexpr of the backward: 0 for large contexts (the binned gather sums their gradient)."""
     if k1 * k2 > MAX_REDUCED_CELLS:
         return 0
     return max(MIN_DOT_SIZE, triton.next_power_of_2(k1 * k2))
@@ -288,15 +276,13 @@ def plan_align_cm_backward(
     offsets: torch.Tensor,
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
-    scatter: bool = False,
     pixel_blocks_per_program: int | None = None,
 ) -> tuple[KernelLaunch, tuple[torch.Tensor, torch.Tensor]]:
     """The per-pixel backward launch and its outputs (context buffer, grad_offsets).
 
     The context buffer is, for contexts of at most ``MAX_REDUCED_CELLS`` cells, the partial sums
     [N, programs, k1 * k2, C] (fp32/fp64) that :func:`reduce_context_partials` adds up; for larger
-    contexts with ``scatter`` a zeroed fp32/fp64 [N, C, k1, k2] buffer filled with atomics; otherwise an
-    empty tensor (the context gradient is gathered separately).
+    contexts an empty tensor (the context gradient is gathered separately).
     """
     check_index_range("grad", grad)
     n, c, H, W = grad.shape
@@ -314,23 +300,18 @@ def plan_align_cm_backward(
     programs = triton.cdiv(pixel_blocks, per_program)
     if cells:
         buffer = torch.empty(n, programs, k1 * k2, c, dtype=acc_torch, device=grad.device)
-        buffer_strides = (0, 0, 0, 0)  # addressed as [N, programs, cells, C] inside the kernel
-    elif scatter:
-        buffer = torch.zeros_like(context, dtype=acc_torch)
-        buffer_strides = strides(buffer)
     else:
         buffer = torch.empty(0, dtype=acc_torch, device=grad.device)
-        buffer_strides = (0, 0, 0, 0)
     launch = KernelLaunch(
         align_cm_backward_kernel,
         grid=(programs, n),
         args=(
             buffer, grad_offsets, grad, context, offsets,
-            *buffer_strides, *strides(grad_offsets), *strides(grad), *strides(context), *strides(offsets),
+            *strides(grad_offsets), *strides(grad), *strides(context), *strides(offsets),
             c, H, W, k1, k2, host_scale(k2, W), host_scale(k1, H), per_program,
         ),
         constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, CELLS=max(cells, 1), REDUCE_CELLS=cells > 0,
-                        SCATTER=cells == 0 and scatter, ACC_DTYPE=acc_triton, PIXELS_LAST=pixels_last(grad)),
+                        ACC_DTYPE=acc_triton, PIXELS_LAST=pixels_last(grad)),
         num_warps=cfg.num_warps,
     )
     return launch, (buffer, grad_offsets)
@@ -367,31 +348,18 @@ def align_cm_backward(
     offsets: torch.Tensor,
     grad_offsets: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
-    max_shift: int = MAX_GATHER_SHIFT,
     pixel_blocks_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of (context, offsets) in their dtypes; local's gradient is ``grad`` itself.
 
-    Bitwise reproducible from run to run, except for a context of more than ``MAX_REDUCED_CELLS`` cells
-    with offsets reaching further than the gather's window limit (``max_shift`` pixels beyond the
-    zero-offset window) outside deterministic mode, which scatters with atomics.
+    Bitwise reproducible from run to run on every path: the partial slots for contexts of at most
+    ``MAX_REDUCED_CELLS`` cells, the binned gather for larger ones; no host read.
     """
     k1, k2 = context.shape[-2:]
-    if reduced_cells(k1, k2):
-        launch, (partial, grad_offsets) = plan_align_cm_backward(
-            grad, context, offsets, grad_offsets=grad_offsets, config=config,
-            pixel_blocks_per_program=pixel_blocks_per_program)
-        launch()
-        return reduce_context_partials(partial, context), grad_offsets
-    window = gather_window_device(offsets, (k1, k2), DIRECT)
-    scatter = False
-    if not window_stays_on_device(grad):  # deterministic mode or CUDA-graph capture: no host read
-        window = tuple(window.tolist())  # one host read of four integers: gather or scatter?
-        scatter = not window_fits(window, tuple(grad.shape[-2:]), (k1, k2), max_shift)
-    launch, (buffer, grad_offsets) = plan_align_cm_backward(grad, context, offsets, grad_offsets=grad_offsets,
-                                                         config=config, scatter=scatter)
+    launch, (partial, grad_offsets) = plan_align_cm_backward(
+        grad, context, offsets, grad_offsets=grad_offsets, config=config,
+        pixel_blocks_per_program=pixel_blocks_per_program)
     launch()
-    if scatter:
-        return buffer.to(context.dtype), grad_offsets
-    grad_context = torch.empty_like(context)
-    return launch_gather(grad, offsets, grad_context, window, DIRECT), grad_offsets
+    if reduced_cells(k1, k2):
+        return reduce_context_partials(partial, context), grad_offsets
+    return binned_transpose(grad, offsets, torch.empty_like(context), DIRECT), grad_offsets

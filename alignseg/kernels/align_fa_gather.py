@@ -7,18 +7,27 @@ buffer, then a cast pass) is fast to write and nondeterministic. Here a program 
 order, and writes the gradient once in its own dtype: no zero fill, no atomics, no cast pass, and
 bitwise the same result on every run.
 
-Which q can reach a source cell t: each output pixel q = (i, j) is anchored at ``home(t) = t * (H - 1) //
-(t_size - 1)`` per axis (exact integers: the identity for a same-size map, about t / scale for a coarse
-one), and a q reaches t only if ``i - home(t)`` lies in a window ``[d_min, d_max]``. A small device
-reduction over the offsets (:func:`gather_window_device`, the same coordinate rule as the forward) finds the
-window; the gather then tests every candidate exactly with the forward's arithmetic, so the window
-only has to contain the hits. A candidate displacement that hits no cell of the tile is skipped with a
-scalar branch before its gradient tile is loaded.
+Which q can reach a source cell t: the **pixel bins**. A first pass puts each output pixel in the bin of
+the first source cell its taps reach (:func:`pixel_bins`: one small kernel for the keys, a stable
+``torch.sort``, ``torch.searchsorted`` for where each bin starts; all on the device, no host read). A
+pixel's taps reach at most ``SPAN`` cells per axis from its bin's cell: 2 for a plain bilinear sample, 3
+for the upsample-then-warp of a source no larger than the output (two fine taps, each upsampled from two
+coarse cells at most one apart), ``ceil(scale) + 3`` for a larger source (one cell of margin for the fp32
+rounding of ``p * scale``). So cell t visits the pixels of the bins ``t - (a, b)``, ``0 <= a, b < SPAN``,
+and tests each exactly with the forward's own arithmetic (:func:`accumulate_candidates`): work in
+proportion to the taps, however far or however alike the offsets. The stable sort keeps each bin's pixels
+in index order, so the order of addition is fixed. NaN, infinite and huge offsets whose taps all leave the
+map go to a bin after every other, which no cell visits.
 
-Three forms share one kernel (``MODE``):
+These bins replaced a *window* scan: each cell visited every output pixel within the largest offset of
+its own anchor, (2R + 2)^2 candidates for offsets up to R px, most of them misses; on an H200 that scan,
+not memory, bound the gathers (bench/README.md, run 3's ncu reading: 35.6 ms where the atomic backward
+took 3.06).
+
+Two forms share the kernels (``MODE``):
 
 * ``DIRECT``: ``S(src, d)`` of :mod:`alignseg.kernels.bilinear` with the source's align-corners scale:
-  :func:`warp_transpose` (same size, the ``grad_low`` of AlignFA), :func:`upsample_transpose` (zero
+  :func:`warp_transpose` (same size, the ``grad_low`` of AlignFA), :func:`upsample_transpose` (no
   offsets: the transpose of ``F.interpolate(..., align_corners=True)``), :func:`sample_transpose`
   (the one-step AlignFA ``grad_high``, AlignCM's large contexts).
 * ``COMPOSITE``: ``W(U(high), d)``, the authors' upsample-then-warp: each output pixel's four fine taps
@@ -26,26 +35,13 @@ Three forms share one kernel (``MODE``):
   separable, ``(sum_DY w_DY u_y) * (sum_DX w_DX u_x)``, so :func:`upsample_warp_transpose` computes
   ``U^T W^T grad`` in one pass and the upsampled gradient never touches memory.
 
-Window limit: learned offsets are a few pixels. A window wider than the zero-offset window plus
-``2 * max_shift`` pixels per axis (default :data:`MAX_GATHER_SHIFT` = 8 px) would make every program
-scan (2 * 8 + 2)^2 = 324+ candidates, each reloading a tile of offsets, so outside deterministic mode
-the transpose then falls back to an atomic scatter (:func:`scatter_transpose`: zero-filled fp32/fp64
-buffer, a cast pass; nondeterministic). Under ``torch.use_deterministic_algorithms(True)`` the gather
-always runs, however wide the window: deterministic, slower for such offsets. NaN, infinite and huge
-offsets whose taps all leave the map reach no cell and never widen the window.
-
-Host synchronisation: outside deterministic mode the window is read back to the host (one read of four
-integers per offset map; :func:`align_fa_backward_deterministic` batches both maps into one read),
-because the launch must choose between gather and scatter. In deterministic mode there is no choice to
-make, and the gathers load their loop bounds from the device tensor: no host synchronisation at all.
-The same holds while a CUDA graph is being captured (a host read is illegal there), so the backward can
-be captured and replayed.
-:func:`upsample_transpose` needs none either (its window follows from the sizes).
+Nothing here reads the device from the host, so the backward can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import triton
@@ -53,19 +49,15 @@ import triton.language as tl
 
 from .bilinear import (
     align_corners_scale,
-    channel_offset,
     output_pixels,
     per_pixel,
-    scatter_tile,
     source_coordinate,
     tile_mask,
     tile_offsets,
-    tile_pointers,
     unit_scale,
     upsampled_axis_weight,
     zero_tile,
 )
-from .fixed_point import SCATTER_FLOAT
 from .launch import (
     KernelLaunch,
     accumulation_dtype,
@@ -79,9 +71,6 @@ from .launch import align_corners_scale as host_scale
 
 DIRECT = 0
 COMPOSITE = 1
-MAX_GATHER_SHIFT = 8  # px of the output grid, see the module docstring
-# Window sentinel: no output pixel reaches any source cell. A constexpr, since a kernel may read no other global.
-_EMPTY = tl.constexpr(2**30)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,19 +83,17 @@ class GatherConfig:
 
 # channels_last: each pixel is a contiguous channel vector, square tiles reuse gradient rows from L1.
 # contiguous (NCHW): the lanes of a warp run along W (launch.pixels_last orients the tile so), so tiles
-# are wide along W. 8 warps: 16 accumulator elements per thread, 72-128 registers at sm_90 (no spills),
-# two programs per SM (see bench/README.md, "Backward: bytes moved").
-# fp64 (two registers per element): 8x8 tiles of 64 channels at 8 warps reached ptxas's 255 registers with a
-# 176-304 B stack in align_fa_gather (sm_80/sm_90, triton 3.9); 4x8x32 at 16 warps compiles it at 95-97 registers
-# without a stack (example shape). Smaller tiles at fewer warps (8x8x32 or 4x8x32 at 8, 4x4x32 at 4) left 8-24 B
-# stacks at 64-128 registers, where triton 3.9's ptxas (--regAllocOptLevel=2) aims for an occupancy step.
+# are wide along W. 8 warps: 16 accumulator elements per thread. fp64 (two registers per element): 4x8 tiles of
+# 32 channels at 16 warps (the window gathers that came before reached 255 registers and a stack at 8x8x64 on
+# 8 warps). The binned gather takes 40-175 registers across the compile matrix (sm_80/sm_90, triton 3.9), no
+# spills (bench/README.md has the table).
 GATHER_CONFIGS = {
     "channels_last": GatherConfig(tile_h=8, tile_w=8, max_block_c=64, num_warps=8),
     "contiguous": GatherConfig(tile_h=2, tile_w=32, max_block_c=32, num_warps=8),
     ("channels_last", torch.float64): GatherConfig(tile_h=4, tile_w=8, max_block_c=32, num_warps=16),
 }
 INTERPRETER_GATHER_CONFIG = GatherConfig(tile_h=16, tile_w=32, max_block_c=128, num_warps=1)
-WINDOW_BLOCK_P = 256  # pixels per program of the window reduction
+BIN_BLOCK_P = 256  # pixels per program of the bin keys
 
 
 def gather_config(t: torch.Tensor, config: GatherConfig | None = None) -> GatherConfig:
@@ -120,12 +107,6 @@ def gather_config(t: torch.Tensor, config: GatherConfig | None = None) -> Gather
 
 # ----------------------------------------------------------------------------------------------
 # Kernel helpers: the weight a target row (or column) receives from one output pixel along one axis.
-
-
-@triton.jit
-def home_index(target, out_size, target_size):
-    """The output index a source index is anchored at: target * (out_size - 1) // (target_size - 1), exact."""
-    return (target.to(tl.int64) * (out_size - 1)) // tl.maximum(target_size - 1, 1)
 
 
 @triton.jit
@@ -167,251 +148,137 @@ def reachable_targets(index, shift, scale, out_size, target_size, MODE: tl.const
     return lo, hi
 
 
-# Per program of output pixels: the range of i - home(t) over every (pixel, reachable source index) pair,
-# per axis, as [d_min_y, d_max_y, d_min_x, d_max_x] (empty: _EMPTY, -_EMPTY). Grid: (pixel blocks, N).
+# Per output pixel q of image n: its bin, the first source cell its taps reach, (ylo, xlo), as
+# n * th * tw + ylo * tw + xlo; a pixel whose taps all leave the map goes to bin N * th * tw, after every
+# other. The taps of the pixels of bin b reach cells b .. b + SPAN - 1 along each axis. Grid: (pixel blocks, N).
 @triton.jit
-def gather_window_kernel(
-    window_ptr,  # [N * pixel blocks, 4] int32
-    offsets_ptr,  # [N, 2, H, W] (dx, dy)
+def pixel_bin_kernel(
+    keys_ptr,  # [N * H * W] int32, pixel-major (n, i, j)
+    offsets_ptr,  # [N, 2, H, W] (dx, dy); unused without HAS_OFFSETS
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     H, W, th, tw,
+    empty_bin,  # N * th * tw
     scale_x, scale_y,  # host fp32 scales: the source's (DIRECT) or the upsample's (COMPOSITE)
     BLOCK_P: tl.constexpr,
     MODE: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
-    at = offsets_ptr + n * off_stride_n + rows * off_stride_h + cols * off_stride_w
-    dx = tl.load(at, mask=mask_p, other=0.0).to(ACC_DTYPE)
-    dy = tl.load(at + off_stride_c, mask=mask_p, other=0.0).to(ACC_DTYPE)
+    if HAS_OFFSETS:
+        at = offsets_ptr + n * off_stride_n + rows * off_stride_h + cols * off_stride_w
+        dx = tl.load(at, mask=mask_p, other=0.0).to(ACC_DTYPE)
+        dy = tl.load(at + off_stride_c, mask=mask_p, other=0.0).to(ACC_DTYPE)
+    else:
+        dx = tl.zeros(rows.shape, dtype=ACC_DTYPE)
+        dy = tl.zeros(rows.shape, dtype=ACC_DTYPE)
     # (target - 1) / (out - 1): the source's scale (DIRECT) or the upsample's (COMPOSITE), the same rule.
     sx = align_corners_scale(tw, W, scale_x, ACC_DTYPE)
     sy = align_corners_scale(th, H, scale_y, ACC_DTYPE)
     ylo, yhi = reachable_targets(rows.to(ACC_DTYPE), dy, sy, H, th, MODE, ACC_DTYPE)
     xlo, xhi = reachable_targets(cols.to(ACC_DTYPE), dx, sx, W, tw, MODE, ACC_DTYPE)
-    reaches = mask_p & (ylo <= yhi) & (xlo <= xhi)
-    # home() is non-decreasing, so i - home(t) is largest at the lowest t and smallest at the highest.
-    dy_min = tl.where(reaches, rows - home_index(tl.maximum(yhi, 0), H, th), _EMPTY)
-    dy_max = tl.where(reaches, rows - home_index(tl.maximum(ylo, 0), H, th), -_EMPTY)
-    dx_min = tl.where(reaches, cols - home_index(tl.maximum(xhi, 0), W, tw), _EMPTY)
-    dx_max = tl.where(reaches, cols - home_index(tl.maximum(xlo, 0), W, tw), -_EMPTY)
-    out = window_ptr + (n * tl.num_programs(0) + tl.program_id(0)) * 4
-    tl.store(out, tl.min(dy_min, axis=0).to(tl.int32))
-    tl.store(out + 1, tl.max(dy_max, axis=0).to(tl.int32))
-    tl.store(out + 2, tl.min(dx_min, axis=0).to(tl.int32))
-    tl.store(out + 3, tl.max(dx_max, axis=0).to(tl.int32))
+    key = tl.where((ylo <= yhi) & (xlo <= xhi), (n * th + ylo) * tw + xlo, empty_bin)
+    tl.store(keys_ptr + n * H * W + rows * W + cols, key.to(tl.int32), mask=mask_p)
 
 
 @triton.jit
-def window_bounds(window_ptr, d_min_y, d_max_y, d_min_x, d_max_x, ON_DEVICE: tl.constexpr):
-    """The window (d_min_y, d_max_y, d_min_x, d_max_x): loaded from the device (no host read) or the arguments."""
-    if ON_DEVICE:
-        return tl.load(window_ptr), tl.load(window_ptr + 1), tl.load(window_ptr + 2), tl.load(window_ptr + 3)
-    else:
-        return d_min_y, d_max_y, d_min_x, d_max_x
-
-
-@triton.jit
-def gather_tile(
-    out_at,  # the source gradient of batch row n
-    grad_at,  # the output gradient of batch row n
-    shift_at,  # the (dx, dy) offsets of batch row n
-    out_stride_c, out_stride_h, out_stride_w,
-    grad_stride_c, grad_stride_h, grad_stride_w,
+def accumulate_candidates(
+    acc,  # [TILE, BLOCK_C] (or transposed) accumulator of the tile's source cells
+    grad_at, shift_at,  # the output gradient and the (dx, dy) offsets of batch row n
+    channel_at,  # [BLOCK_C] channel offsets into grad
+    grad_stride_h, grad_stride_w,
     off_stride_c, off_stride_h, off_stride_w,
-    ty, tx, mask_t,  # [TILE] source rows, columns (int32) and mask of the tile
-    home_y, home_x,  # [TILE] int64 home(ty), home(tx)
-    channels, mask_c,  # [BLOCK_C]
+    qi, qj, valid,  # [TILE] int64 candidate output pixel of each source cell, and whether there is one
+    ty, tx, mask_c,  # [TILE] source rows, columns; [BLOCK_C] channel mask
     H, W, th, tw,
     sx, sy,  # ACC_DTYPE scales
-    dy_min, dy_max, dx_min, dx_max,
     MODE: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
     PIXELS_LAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """grad_src[t] = sum over q = home(t) + (ky, kx) in the window and their taps hitting t, stored once."""
-    TILE: tl.constexpr = ty.shape[0]
-    channel_at = channels * grad_stride_c
-    acc = zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST)
-    for ky in range(dy_min, dy_max + 1):
-        qi = home_y + ky
-        valid_y = mask_t & (qi >= 0) & (qi < H)
-        for kx in range(dx_min, dx_max + 1):
-            qj = home_x + kx
-            valid = valid_y & (qj >= 0) & (qj < W)
-            if HAS_OFFSETS:
-                q_at = shift_at + qi * off_stride_h + qj * off_stride_w
-                dx = tl.load(q_at, mask=valid, other=0.0).to(ACC_DTYPE)
-                dy = tl.load(q_at + off_stride_c, mask=valid, other=0.0).to(ACC_DTYPE)
-            else:
-                dx = tl.zeros((TILE,), dtype=ACC_DTYPE)
-                dy = tl.zeros((TILE,), dtype=ACC_DTYPE)
-            if MODE == 0:
-                wy, hy = direct_axis_weight(qi.to(ACC_DTYPE), dy, sy, th, ty)
-                wx, hx = direct_axis_weight(qj.to(ACC_DTYPE), dx, sx, tw, tx)
-            else:
-                wy, hy = composite_axis_weight(qi.to(ACC_DTYPE), dy, H, sy, th, ty, ACC_DTYPE)
-                wx, hx = composite_axis_weight(qj.to(ACC_DTYPE), dx, W, sx, tw, tx, ACC_DTYPE)
-            hit = valid & hy & hx
-            # a displacement that hits no cell of the tile loads no gradient
-            if tl.max(hit.to(tl.int32), axis=0) > 0:
-                ptrs = grad_at + tile_offsets(qi * grad_stride_h + qj * grad_stride_w, channel_at, PIXELS_LAST)
-                g = tl.load(ptrs, mask=tile_mask(hit, mask_c, PIXELS_LAST), other=0.0).to(ACC_DTYPE)
-                acc += per_pixel(wy * wx, PIXELS_LAST) * g
-    ptrs = out_at + tile_offsets(ty.to(tl.int64) * out_stride_h + tx.to(tl.int64) * out_stride_w,
-                                 channels * out_stride_c, PIXELS_LAST)
-    tl.store(ptrs, acc.to(out_at.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_LAST))
+    """``acc`` plus w(q, t) * grad[q] for each cell t = (ty, tx) whose candidate q = (qi, qj) has a tap on t,
+    tested with the forward's own tap arithmetic; the gradient is loaded only where it does."""
+    if HAS_OFFSETS:
+        q_at = shift_at + qi * off_stride_h + qj * off_stride_w
+        dx = tl.load(q_at, mask=valid, other=0.0).to(ACC_DTYPE)
+        dy = tl.load(q_at + off_stride_c, mask=valid, other=0.0).to(ACC_DTYPE)
+    else:
+        dx = tl.zeros(qi.shape, dtype=ACC_DTYPE)
+        dy = tl.zeros(qi.shape, dtype=ACC_DTYPE)
+    if MODE == 0:
+        wy, hy = direct_axis_weight(qi.to(ACC_DTYPE), dy, sy, th, ty)
+        wx, hx = direct_axis_weight(qj.to(ACC_DTYPE), dx, sx, tw, tx)
+    else:
+        wy, hy = composite_axis_weight(qi.to(ACC_DTYPE), dy, H, sy, th, ty, ACC_DTYPE)
+        wx, hx = composite_axis_weight(qj.to(ACC_DTYPE), dx, W, sx, tw, tx, ACC_DTYPE)
+    hit = valid & hy & hx
+    ptrs = grad_at + tile_offsets(qi * grad_stride_h + qj * grad_stride_w, channel_at, PIXELS_LAST)
+    g = tl.load(ptrs, mask=tile_mask(hit, mask_c, PIXELS_LAST), other=0.0).to(ACC_DTYPE)
+    return acc + per_pixel(wy * wx, PIXELS_LAST) * g
 
 
-# grad_src[n, c, t] = sum over output pixels q and taps k with tap_k(q) == t of w_k(q) * grad[n, c, q], for
-# every source cell t of a TILE_H x TILE_W tile, accumulated over the window's displacements in a fixed
-# order (rows, then columns) and stored once. Grid: (tiles, channel blocks, N).
+# grad_src[n, c, t] for every source cell t of a TILE_H x TILE_W tile, from the output pixels listed in the
+# bins t - (a, b), 0 <= a < SPAN_Y, 0 <= b < SPAN_X (pixel_bin_kernel: a pixel of bin s reaches cells s .. s +
+# SPAN - 1 per axis), visited in a fixed order (bins, then ascending pixel index) and stored once. Each step
+# takes, per cell, the next pixel of the current bin, for as many steps as the tile's fullest bin holds pixels.
+# Grid: (tiles, channel blocks, N).
 @triton.jit
-def sampling_transpose_kernel(
+def binned_transpose_kernel(
     out_ptr,  # [N, C, th, tw] the source gradient, in its own dtype
     grad_ptr,  # [N, C, H, W] gradient of the output
     offsets_ptr,  # [N, 2, H, W] (dx, dy); unused without HAS_OFFSETS
-    window_ptr,  # [4] int32 window on the device (WINDOW_ON_DEVICE), else unused
+    order_ptr,  # [N * H * W] int32: each image's pixels i * W + j, by bin, ascending within one
+    starts_ptr,  # [N * th * tw + 1] int32: bin b holds order[starts[b]:starts[b + 1]]
     out_stride_n, out_stride_c, out_stride_h, out_stride_w,
     grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     C, H, W, th, tw,
     scale_x, scale_y,  # host fp32 scales: the source's (DIRECT) or the upsample's (COMPOSITE)
-    dy_min, dy_max, dx_min, dx_max,  # the window of i - home(t), see gather_window_kernel
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SPAN_Y: tl.constexpr,  # source cells a pixel's taps reach per axis from its bin's cell (bin_span)
+    SPAN_X: tl.constexpr,
     MODE: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
-    SAME_SIZE: tl.constexpr,  # th == H and tw == W: home() is the identity (and provably contiguous)
     PIXELS_LAST: tl.constexpr,
-    WINDOW_ON_DEVICE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     n = tl.program_id(2).to(tl.int64)
-    dy_min, dy_max, dx_min, dx_max = window_bounds(window_ptr, dy_min, dy_max, dx_min, dx_max, WINDOW_ON_DEVICE)
     tiles_w = tl.cdiv(tw, TILE_W)
     tile = tl.program_id(0)
     r = tl.arange(0, TILE_H * TILE_W)
     ty = (tile // tiles_w) * TILE_H + r // TILE_W
     tx = (tile % tiles_w) * TILE_W + r % TILE_W
+    mask_t = (ty < th) & (tx < tw)
     channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if SAME_SIZE:
-        home_y = ty.to(tl.int64)
-        home_x = tx.to(tl.int64)
-    else:
-        home_y = home_index(ty, H, th)
-        home_x = home_index(tx, W, tw)
-    # (target - 1) / (out - 1): the source's scale (DIRECT) or the upsample's (COMPOSITE), the same rule.
+    mask_c = channels < C
     sx = align_corners_scale(tw, W, scale_x, ACC_DTYPE)
     sy = align_corners_scale(th, H, scale_y, ACC_DTYPE)
-    gather_tile(out_ptr + n * out_stride_n, grad_ptr + n * grad_stride_n, offsets_ptr + n * off_stride_n,
-                out_stride_c, out_stride_h, out_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
-                off_stride_c, off_stride_h, off_stride_w,
-                ty, tx, (ty < th) & (tx < tw), home_y, home_x, channels, channels < C,
-                H, W, th, tw, sx, sy, dy_min, dy_max, dx_min, dx_max, MODE, HAS_OFFSETS, PIXELS_LAST, ACC_DTYPE)
-
-
-# Both source gradients of AlignFA in one pass over the output gradient: a program gathers grad_low for
-# its TILE_H x TILE_W tile of the fine map, then grad_high for the coarse cells whose home lies in that
-# tile (at most TILE_H x TILE_W of them when h <= H and w <= W), whose candidates mostly re-read the
-# gradient lines the first gather just loaded (from L1/L2, not DRAM). Grid: (fine tiles, channel blocks, N).
-@triton.jit
-def align_fa_gather_kernel(
-    grad_low_ptr,  # [N, C, H, W] in low's dtype
-    grad_high_ptr,  # [N, C, h, w] in high's dtype
-    grad_ptr,  # [N, C, H, W] gradient of the output
-    offsets_ptr,  # [N, 4, H, W] (dx, dy) for high, then (dx, dy) for low
-    low_window_ptr, high_window_ptr,  # [4] int32 windows on the device (WINDOW_ON_DEVICE), else unused
-    gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
-    gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
-    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
-    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
-    C, H, W, h, w,
-    high_scale_x, high_scale_y,  # host fp32 (w - 1) / (W - 1), (h - 1) / (H - 1)
-    low_dy_min, low_dy_max, low_dx_min, low_dx_max,
-    high_dy_min, high_dy_max, high_dx_min, high_dx_max,
-    TILE_H: tl.constexpr,
-    TILE_W: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    HIGH_MODE: tl.constexpr,
-    PIXELS_LAST: tl.constexpr,
-    WINDOW_ON_DEVICE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    n = tl.program_id(2).to(tl.int64)
-    low_dy_min, low_dy_max, low_dx_min, low_dx_max = window_bounds(
-        low_window_ptr, low_dy_min, low_dy_max, low_dx_min, low_dx_max, WINDOW_ON_DEVICE)
-    high_dy_min, high_dy_max, high_dx_min, high_dx_max = window_bounds(
-        high_window_ptr, high_dy_min, high_dy_max, high_dx_min, high_dx_max, WINDOW_ON_DEVICE)
-    tiles_w = tl.cdiv(W, TILE_W)
-    tile = tl.program_id(0)
-    i0 = (tile // tiles_w) * TILE_H
-    j0 = (tile % tiles_w) * TILE_W
-    r = tl.arange(0, TILE_H * TILE_W)
-    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = channels < C
     grad_at = grad_ptr + n * grad_stride_n
     shift_at = offsets_ptr + n * off_stride_n
-
-    ty = i0 + r // TILE_W
-    tx = j0 + r % TILE_W
-    gather_tile(grad_low_ptr + n * gl_stride_n, grad_at, shift_at + channel_offset(2, off_stride_c),
-                gl_stride_c, gl_stride_h, gl_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
-                off_stride_c, off_stride_h, off_stride_w,
-                ty, tx, (ty < H) & (tx < W), ty.to(tl.int64), tx.to(tl.int64), channels, mask_c,
-                H, W, H, W, unit_scale(W, ACC_DTYPE), unit_scale(H, ACC_DTYPE),
-                low_dy_min, low_dy_max, low_dx_min, low_dx_max, 0, True, PIXELS_LAST, ACC_DTYPE)
-
-    # the coarse cells a with home(a) in [i0, i0 + TILE_H) (likewise columns): from ceil(i0 (h - 1) / (H - 1))
-    cy = tl.cdiv(i0 * (h - 1), tl.maximum(H - 1, 1)) + r // TILE_W
-    cx = tl.cdiv(j0 * (w - 1), tl.maximum(W - 1, 1)) + r % TILE_W
-    home_y = home_index(cy, H, h)
-    home_x = home_index(cx, W, w)
-    owned = ((cy < h) & (home_y >= i0) & (home_y < i0 + TILE_H)
-             & (cx < w) & (home_x >= j0) & (home_x < j0 + TILE_W))
-    gather_tile(grad_high_ptr + n * gh_stride_n, grad_at, shift_at,
-                gh_stride_c, gh_stride_h, gh_stride_w, grad_stride_c, grad_stride_h, grad_stride_w,
-                off_stride_c, off_stride_h, off_stride_w,
-                cy, cx, owned, home_y, home_x, channels, mask_c,
-                H, W, h, w,
-                align_corners_scale(w, W, high_scale_x, ACC_DTYPE), align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
-                high_dy_min, high_dy_max, high_dx_min, high_dx_max, HIGH_MODE, True, PIXELS_LAST, ACC_DTYPE)
-
-
-# The nondeterministic fallback for wide windows (DIRECT form only): every output pixel scatters
-# grad * w_k into its four taps with atomics, into a zeroed ACC_DTYPE buffer. Grid: (pixel blocks, channel blocks, N).
-@triton.jit
-def scatter_transpose_kernel(
-    buffer_ptr,  # [N, C, th, tw] ACC_DTYPE, zero-filled
-    grad_ptr,  # [N, C, H, W]
-    offsets_ptr,  # [N, 2, H, W]
-    buf_stride_n, buf_stride_c, buf_stride_h, buf_stride_w,
-    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
-    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
-    C, H, W, th, tw,
-    scale_x, scale_y,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    PIXELS_LAST: tl.constexpr,
-):
-    n = tl.program_id(2).to(tl.int64)
-    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
-    channels = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = channels < C
-    at = offsets_ptr + n * off_stride_n + rows * off_stride_h + cols * off_stride_w
-    dx = tl.load(at, mask=mask_p, other=0.0).to(ACC_DTYPE)
-    dy = tl.load(at + off_stride_c, mask=mask_p, other=0.0).to(ACC_DTYPE)
-    x0, fx = source_coordinate(cols.to(ACC_DTYPE), dx, tl.cast(scale_x, ACC_DTYPE), tw)
-    y0, fy = source_coordinate(rows.to(ACC_DTYPE), dy, tl.cast(scale_y, ACC_DTYPE), th)
-    g = tl.load(tile_pointers(grad_ptr + n * grad_stride_n, rows * grad_stride_h + cols * grad_stride_w,
-                              channels * grad_stride_c, PIXELS_LAST),
-                mask=tile_mask(mask_p, mask_c, PIXELS_LAST), other=0.0).to(ACC_DTYPE)
-    scatter_tile(buffer_ptr + n * buf_stride_n, buffer_ptr, 1.0, g, channels, buf_stride_c, buf_stride_h, buf_stride_w,
-                 x0, y0, fx, fy, th, tw, mask_p, mask_c, SCATTER_FLOAT, PIXELS_LAST)
+    channel_at = channels * grad_stride_c
+    acc = zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST)
+    for s in range(SPAN_Y * SPAN_X):
+        by = ty - s // SPAN_X
+        bx = tx - s % SPAN_X
+        has_bin = mask_t & (by >= 0) & (bx >= 0)
+        bin_at = starts_ptr + (n * th + by) * tw + bx
+        start = tl.load(bin_at, mask=has_bin, other=0)
+        count = tl.load(bin_at + 1, mask=has_bin, other=0) - start
+        for k in range(0, tl.max(count, axis=0)):
+            valid = k < count
+            q = tl.load(order_ptr + start + k, mask=valid, other=0)
+            qi = q // W
+            acc = accumulate_candidates(acc, grad_at, shift_at, channel_at, grad_stride_h, grad_stride_w,
+                                        off_stride_c, off_stride_h, off_stride_w,
+                                        qi.to(tl.int64), (q - qi * W).to(tl.int64), valid, ty, tx, mask_c,
+                                        H, W, th, tw, sx, sy, MODE, HAS_OFFSETS, PIXELS_LAST, ACC_DTYPE)
+    ptrs = out_ptr + n * out_stride_n + tile_offsets(ty.to(tl.int64) * out_stride_h + tx.to(tl.int64) * out_stride_w,
+                                                     channels * out_stride_c, PIXELS_LAST)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_LAST))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,75 +291,73 @@ def _scales(out_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[float,
     return host_scale(tw, W), host_scale(th, H)
 
 
-def plan_gather_window(offsets2: torch.Tensor, partial: torch.Tensor, target_hw: tuple[int, int],
-                       mode: int = DIRECT) -> KernelLaunch:
-    """The launch of :func:`gather_window_kernel`: per-program windows into ``partial`` [N * programs, 4] int32."""
-    n, _, H, W = offsets2.shape
+def bin_span(out_size: int, target_size: int, mode: int) -> int:
+    """Source cells along one axis that the taps of one output pixel reach from its bin's cell.
+
+    DIRECT: two taps. COMPOSITE: two fine taps, each upsampled from two coarse cells; a coarse map no larger
+    than the output puts them at most one cell apart (3 in all), a larger one up to ``ceil(scale)``, plus one
+    cell for the fp32 rounding of ``p * scale`` near an integer (the hit test is exact, so a wider span only
+    costs steps).
+    """
+    if mode == DIRECT:
+        return 2
+    if target_size <= out_size:
+        return 3
+    return math.ceil((target_size - 1) / max(out_size - 1, 1)) + 3
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelBins:
+    """The output pixels grouped by the first source cell their taps reach (:func:`pixel_bin_kernel`)."""
+
+    order: torch.Tensor  # [N * H * W] int32: each image's pixel indices i * W + j, by bin, ascending within one
+    starts: torch.Tensor  # [N * th * tw + 1] int32: bin b holds order[starts[b]:starts[b + 1]]
+
+
+def plan_pixel_bins(offsets2: torch.Tensor | None, keys: torch.Tensor, out_hw: tuple[int, int],
+                    target_hw: tuple[int, int], mode: int = DIRECT) -> KernelLaunch:
+    """The launch of :func:`pixel_bin_kernel`: each output pixel's bin into ``keys`` [N * H * W] int32."""
+    H, W = out_hw
     th, tw = target_hw
-    sx, sy = _scales((H, W), target_hw)
+    n = keys.numel() // (H * W)
+    sx, sy = _scales(out_hw, target_hw)
+    off = offsets2 if offsets2 is not None else keys  # a placeholder pointer without offsets
     return KernelLaunch(
-        gather_window_kernel,
-        grid=(triton.cdiv(H * W, WINDOW_BLOCK_P), n),
-        args=(partial, offsets2, *strides(offsets2), H, W, th, tw, sx, sy),
-        constexprs=dict(BLOCK_P=WINDOW_BLOCK_P, MODE=mode, ACC_DTYPE=accumulation_dtype(offsets2.dtype)[1]),
+        pixel_bin_kernel,
+        grid=(triton.cdiv(H * W, BIN_BLOCK_P), n),
+        args=(keys, off, *(strides(offsets2) if offsets2 is not None else (0, 0, 0, 0)),
+              H, W, th, tw, n * th * tw, sx, sy),
+        constexprs=dict(BLOCK_P=BIN_BLOCK_P, MODE=mode, HAS_OFFSETS=offsets2 is not None,
+                        ACC_DTYPE=accumulation_dtype(offsets2.dtype if offsets2 is not None else torch.float32)[1]),
         num_warps=4,
     )
 
 
-def gather_window_device(offsets2: torch.Tensor, target_hw: tuple[int, int], mode: int = DIRECT) -> torch.Tensor:
-    """Int32 device tensor [4]: (d_min_y, d_max_y, d_min_x, d_max_x) of i - home(t) over all hits (no host sync)."""
-    n, _, H, W = offsets2.shape
-    partial = torch.empty(n * triton.cdiv(H * W, WINDOW_BLOCK_P), 4, dtype=torch.int32, device=offsets2.device)
-    plan_gather_window(offsets2, partial, target_hw, mode)()
-    # (min, max) per axis, interleaved without an index tensor (a host-made index would be a copy to the device,
-    # illegal during CUDA graph capture).
-    return torch.stack((partial[:, 0::2].amin(0), partial[:, 1::2].amax(0)), dim=1).reshape(4)
+def pixel_bins(offsets2: torch.Tensor | None, n: int, out_hw: tuple[int, int], target_hw: tuple[int, int],
+               mode: int = DIRECT, device: torch.device | None = None) -> PixelBins:
+    """Bin the N x H x W output pixels by the first source cell their taps reach, on the device (no host read).
 
-
-def window_without_offsets(out_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The window of the plain upsample transpose (zero offsets), from the sizes on the host, widened by one.
-
-    The gather tests every candidate exactly, so the margin only guards against an fp32 rounding of the
-    host's arithmetic differing from the kernel's.
+    ``offsets2``: [N, 2, H, W] (dx, dy), or None for zero offsets. A stable sort of the bin keys orders each
+    bin's pixels by index, so the gather's order of addition is the same on every run; ``searchsorted`` finds
+    where each bin starts.
     """
-    window = []
-    for out_size, target_size in zip(out_hw, target_hw):
-        index = torch.arange(out_size, dtype=torch.float64)
-        scale = torch.tensor(host_scale(target_size, out_size), dtype=torch.float32).double()
-        t0 = torch.floor(index * scale).long()
-        lo, hi = t0.clamp(0, target_size - 1), (t0 + 1).clamp(0, target_size - 1)
-        home = lambda t: (t * (out_size - 1)) // max(target_size - 1, 1)  # noqa: E731
-        window += [int((index.long() - home(hi)).min()) - 1, int((index.long() - home(lo)).max()) + 1]
-    return tuple(window)
+    H, W = out_hw
+    bins = n * target_hw[0] * target_hw[1]
+    if max(bins + 1, n * H * W) >= 2**31:
+        raise ValueError(f"the gather's pixel bins index in int32: {n} images of {H}x{W} pixels and "
+                         f"{target_hw[0]}x{target_hw[1]} cells are too many")
+    device = offsets2.device if offsets2 is not None else device
+    keys = torch.empty(n * H * W, dtype=torch.int32, device=device)
+    plan_pixel_bins(offsets2, keys, out_hw, target_hw, mode)()
+    sorted_keys, order = torch.sort(keys, stable=True)
+    starts = torch.searchsorted(sorted_keys, torch.arange(bins + 1, dtype=torch.int32, device=device),
+                                out_int32=True)
+    return PixelBins(order=order.remainder_(H * W).to(torch.int32), starts=starts)
 
 
-def zero_offset_width(out_size: int, target_size: int, mode: int = DIRECT) -> int:
-    """Candidates per axis of the window with zero offsets (about 2 / scale + 3; one more for COMPOSITE's fine taps)."""
-    d_min, d_max, _, _ = window_without_offsets((out_size, 1), (target_size, 1))
-    return d_max - d_min + 1 + (mode == COMPOSITE)
-
-
-def window_fits(window: tuple[int, int, int, int], out_hw: tuple[int, int], target_hw: tuple[int, int],
-                max_shift: int, mode: int = DIRECT) -> bool:
-    """Whether the gather's window stays within the zero-offset window plus ``2 * max_shift`` per axis."""
-    d_min_y, d_max_y, d_min_x, d_max_x = window
-    return (d_max_y - d_min_y + 1 <= zero_offset_width(out_hw[0], target_hw[0], mode) + 2 * max_shift
-            and d_max_x - d_min_x + 1 <= zero_offset_width(out_hw[1], target_hw[1], mode) + 2 * max_shift)
-
-
-Window = tuple[int, int, int, int] | torch.Tensor  # host integers, or an int32 device tensor [4] (no host read)
-
-
-def _window_args(window, placeholder: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], bool]:
-    """(pointer argument, the four integer arguments, on the device?) of a window."""
-    if isinstance(window, torch.Tensor):
-        return window, (0, 0, 0, 0), True
-    return placeholder, tuple(window), False
-
-
-def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: Window,
-                mode: int = DIRECT, config: GatherConfig | None = None) -> KernelLaunch:
-    """The launch of :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a window (host or device)."""
+def plan_binned_transpose(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, bins: PixelBins,
+                          mode: int = DIRECT, config: GatherConfig | None = None) -> KernelLaunch:
+    """The launch of :func:`binned_transpose_kernel` into ``out`` [N, C, th, tw] from ``bins`` (:func:`pixel_bins`)."""
     check_index_range("grad", grad)
     check_index_range("out", out)
     n, c, H, W = grad.shape
@@ -501,52 +366,24 @@ def plan_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Te
     block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
     sx, sy = _scales((H, W), (th, tw))
     off = offsets2 if offsets2 is not None else grad  # a placeholder pointer without offsets
-    off_strides = strides(offsets2) if offsets2 is not None else (0, 0, 0, 0)
-    window_ptr, window_ints, on_device = _window_args(window, grad)
     return KernelLaunch(
-        sampling_transpose_kernel,
+        binned_transpose_kernel,
         grid=(triton.cdiv(th, cfg.tile_h) * triton.cdiv(tw, cfg.tile_w), triton.cdiv(c, block_c), n),
-        args=(out, grad, off, window_ptr, *strides(out), *strides(grad), *off_strides,
-              c, H, W, th, tw, sx, sy, *window_ints),
-        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, MODE=mode,
-                        HAS_OFFSETS=offsets2 is not None,
-                        SAME_SIZE=(th, tw) == (H, W), PIXELS_LAST=pixels_last(grad),
-                        WINDOW_ON_DEVICE=on_device, ACC_DTYPE=accumulation_dtype(out.dtype)[1]),
+        args=(out, grad, off, bins.order, bins.starts, *strides(out), *strides(grad),
+              *(strides(offsets2) if offsets2 is not None else (0, 0, 0, 0)), c, H, W, th, tw, sx, sy),
+        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, SPAN_Y=bin_span(H, th, mode),
+                        SPAN_X=bin_span(W, tw, mode), MODE=mode, HAS_OFFSETS=offsets2 is not None,
+                        PIXELS_LAST=pixels_last(grad), ACC_DTYPE=accumulation_dtype(out.dtype)[1]),
         num_warps=cfg.num_warps,
     )
 
 
-def launch_gather(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, window: Window,
-                  mode: int = DIRECT, config: GatherConfig | None = None) -> torch.Tensor:
-    """Run :func:`sampling_transpose_kernel` into ``out`` [N, C, th, tw] for a window (host or device)."""
-    plan_gather(grad, offsets2, out, window, mode, config)()
-    return out
-
-
-def plan_scatter_transpose(grad: torch.Tensor, offsets2: torch.Tensor, buffer: torch.Tensor) -> KernelLaunch:
-    """The launch of :func:`scatter_transpose_kernel`: atomic adds into the zeroed fp32/fp64 ``buffer``."""
-    n, c, H, W = grad.shape
-    th, tw = buffer.shape[-2:]
-    # fp64 at 32 x 64 on 4 warps takes 255 registers and a 200 B stack (sm_80/sm_90, AOT); 32 x 32 on 8 warps, 80-95.
-    wide = buffer.dtype == torch.float64
-    block_p, block_c = (1024, 128) if interpreting() else ((32, 32) if wide else (32, 64))
-    block_c = min(block_c, triton.next_power_of_2(c))
-    sx, sy = _scales((H, W), (th, tw))
-    return KernelLaunch(
-        scatter_transpose_kernel,
-        grid=(triton.cdiv(H * W, block_p), triton.cdiv(c, block_c), n),
-        args=(buffer, grad, offsets2, *strides(buffer), *strides(grad), *strides(offsets2), c, H, W, th, tw, sx, sy),
-        constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_c, ACC_DTYPE=accumulation_dtype(buffer.dtype)[1],
-                        PIXELS_LAST=pixels_last(grad)),
-        num_warps=8 if wide and not interpreting() else 4,
-    )
-
-
-def scatter_transpose(grad: torch.Tensor, offsets2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The atomic fallback of the DIRECT form into ``out``: nondeterministic, for windows too wide to gather."""
-    buffer = torch.zeros_like(out, dtype=accumulation_dtype(out.dtype)[0])
-    plan_scatter_transpose(grad, offsets2, buffer)()
-    out.copy_(buffer)
+def binned_transpose(grad: torch.Tensor, offsets2: torch.Tensor | None, out: torch.Tensor, mode: int = DIRECT,
+                     config: GatherConfig | None = None) -> torch.Tensor:
+    """The gather into ``out`` [N, C, th, tw] over the pixel bins: deterministic, no host read."""
+    n, _, H, W = grad.shape
+    bins = pixel_bins(offsets2, n, (H, W), tuple(out.shape[-2:]), mode, grad.device)
+    plan_binned_transpose(grad, offsets2, out, bins, mode, config)()
     return out
 
 
@@ -558,47 +395,17 @@ def _empty_source(grad: torch.Tensor, size: tuple[int, int], dtype: torch.dtype 
     return torch.empty(*grad.shape[:2], *size, dtype=dtype or ref.dtype, device=grad.device, memory_format=fmt)
 
 
-def window_stays_on_device(t: torch.Tensor) -> bool:
-    """Gather with the window read on the device, never choosing the scatter: in deterministic mode, and while
-    a CUDA graph is being captured (a host read is illegal there)."""
-    return torch.are_deterministic_algorithms_enabled() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def _transpose(grad: torch.Tensor, offsets2: torch.Tensor, out: torch.Tensor, mode: int, max_shift: int,
-               window: Window | None = None, config: GatherConfig | None = None) -> torch.Tensor:
-    """Gather when the window fits (or determinism is required), else the scatter (DIRECT) or scatter-then-gather.
-
-    In deterministic mode the gather reads its window on the device: no host synchronisation.
-    """
-    out_hw, target_hw = tuple(grad.shape[-2:]), tuple(out.shape[-2:])
-    if window is None:
-        window = gather_window_device(offsets2, target_hw, mode)
-    if window_stays_on_device(grad):
-        return launch_gather(grad, offsets2, out, window, mode, config)
-    if isinstance(window, torch.Tensor):
-        window = tuple(window.tolist())  # the one host read: gather or scatter?
-    if window_fits(window, out_hw, target_hw, max_shift, mode):
-        return launch_gather(grad, offsets2, out, window, mode, config)
-    if mode == DIRECT:
-        return scatter_transpose(grad, offsets2, out)
-    # COMPOSITE: warp-transpose onto the fine grid by scatter, then the (deterministic) upsample transpose.
-    fine = scatter_transpose(grad, offsets2, torch.empty_like(grad, dtype=accumulation_dtype(out.dtype)[0]))
-    return upsample_transpose(fine, *target_hw, out=out, config=config)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public functions.
 
 
-def warp_transpose(grad: torch.Tensor, offsets2: torch.Tensor, max_shift: int = MAX_GATHER_SHIFT,
-                   out_dtype: torch.dtype | None = None, config: GatherConfig | None = None) -> torch.Tensor:
+def warp_transpose(grad: torch.Tensor, offsets2: torch.Tensor, out_dtype: torch.dtype | None = None,
+                   config: GatherConfig | None = None) -> torch.Tensor:
     """Transpose of the same-size warp ``W(src, d)``: the gradient of ``src``.
 
     Args:
         grad (Tensor[N, C, H, W]): gradient of ``W(src, offsets2)``.
         offsets2 (Tensor[N, 2, H, W]): (dx, dy) in pixels (a channel slice of AlignFA's offsets is fine).
-        max_shift: window limit in pixels beyond which the nondeterministic scatter runs (not in
-            deterministic mode, see the module docstring).
         out_dtype: default ``grad``'s dtype.
 
     Returns:
@@ -606,29 +413,29 @@ def warp_transpose(grad: torch.Tensor, offsets2: torch.Tensor, max_shift: int = 
         ``out[t] = sum over q, k with tap_k(q) == t of w_k(q) * grad[q]``.
     """
     out = _empty_source(grad, tuple(grad.shape[-2:]), out_dtype)
-    return _transpose(grad, offsets2, out, DIRECT, max_shift, config=config)
+    return binned_transpose(grad, offsets2, out, DIRECT, config)
 
 
 def sample_transpose(grad: torch.Tensor, offsets2: torch.Tensor, src_hw: tuple[int, int],
-                     max_shift: int = MAX_GATHER_SHIFT, out_dtype: torch.dtype | None = None,
-                     like: torch.Tensor | None = None, config: GatherConfig | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, like: torch.Tensor | None = None,
+                     config: GatherConfig | None = None) -> torch.Tensor:
     """Transpose of the one-step sampling ``S(src, d)`` of a source of size ``src_hw``: Tensor[N, C, *src_hw].
 
     ``like``: a tensor whose memory format (and dtype, unless ``out_dtype``) the result takes.
     """
     out = _empty_source(grad, tuple(src_hw), out_dtype, like)
-    return _transpose(grad, offsets2, out, DIRECT, max_shift, config=config)
+    return binned_transpose(grad, offsets2, out, DIRECT, config)
 
 
 def upsample_warp_transpose(grad: torch.Tensor, offsets2: torch.Tensor, src_hw: tuple[int, int],
-                            max_shift: int = MAX_GATHER_SHIFT, out_dtype: torch.dtype | None = None,
-                            like: torch.Tensor | None = None, config: GatherConfig | None = None) -> torch.Tensor:
+                            out_dtype: torch.dtype | None = None, like: torch.Tensor | None = None,
+                            config: GatherConfig | None = None) -> torch.Tensor:
     """``U^T W^T grad`` in one gather: the coarse gradient of the authors' ``W(U(high), d)``, Tensor[N, C, *src_hw].
 
     The upsampled map's gradient is never written (see the module docstring).
     """
     out = _empty_source(grad, tuple(src_hw), out_dtype, like)
-    return _transpose(grad, offsets2, out, COMPOSITE, max_shift, config=config)
+    return binned_transpose(grad, offsets2, out, COMPOSITE, config)
 
 
 def upsample_transpose(grad_up: torch.Tensor, h: int, w: int, out: torch.Tensor | None = None,
@@ -644,8 +451,7 @@ def upsample_transpose(grad_up: torch.Tensor, h: int, w: int, out: torch.Tensor 
     """
     if out is None:
         out = _empty_source(grad_up, (h, w), out_dtype)
-    window = window_without_offsets(tuple(grad_up.shape[-2:]), (h, w))
-    return launch_gather(grad_up, None, out, window, DIRECT, config)
+    return binned_transpose(grad_up, None, out, DIRECT, config)
 
 
 def align_fa_backward_deterministic(
@@ -654,7 +460,6 @@ def align_fa_backward_deterministic(
     high: torch.Tensor,
     offsets: torch.Tensor,
     upsample_first: bool = True,
-    max_shift: int = MAX_GATHER_SHIFT,
     config: GatherConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_low, grad_high)`` of AlignFA by gathers, bitwise reproducible, each in its input's dtype and layout.
@@ -662,56 +467,11 @@ def align_fa_backward_deterministic(
     ``upsample_first=True``: the authors' ``W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])``;
     ``False``: the one-step ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``. The offsets'
     gradient is not computed here (the per-pixel backward kernel writes it, with its scatter off).
-    One host read of both windows (eight integers) per call. When both windows fit (or in deterministic
-    mode) and ``high`` is no larger than ``low``, one fused launch (:func:`align_fa_gather_kernel`)
-    writes both gradients; otherwise each goes through :func:`_transpose` (gather or fallback scatter).
+    One binned gather per source map (:func:`binned_transpose`), no host read.
     """
     check_index_range("low", low)
-    high_hw, low_hw = tuple(high.shape[-2:]), tuple(low.shape[-2:])
-    mode_high = COMPOSITE if upsample_first else DIRECT
-    windows = torch.cat((gather_window_device(offsets[:, 0:2], high_hw, mode_high),
-                         gather_window_device(offsets[:, 2:4], low_hw, DIRECT)))
-    if window_stays_on_device(grad):
-        window_high, window_low = windows[:4], windows[4:]  # read on the device: no host synchronisation
-        gather_both = True
-    else:
-        windows = windows.tolist()  # the one host read of the backward
-        window_high, window_low = tuple(windows[:4]), tuple(windows[4:])
-        gather_both = (window_fits(window_high, low_hw, high_hw, max_shift, mode_high)
-                       and window_fits(window_low, low_hw, low_hw, max_shift))
-    grad_low = _empty_source(grad, low_hw, low.dtype, low)
-    grad_high = _empty_source(grad, high_hw, high.dtype, high)
-    if gather_both and high_hw[0] <= low_hw[0] and high_hw[1] <= low_hw[1]:
-        plan_align_fa_gather(grad, offsets, grad_low, grad_high, window_low, window_high, mode_high, config)()
-        return grad_low, grad_high
-    _transpose(grad, offsets[:, 0:2], grad_high, mode_high, max_shift, window_high, config)
-    _transpose(grad, offsets[:, 2:4], grad_low, DIRECT, max_shift, window_low, config)
+    grad_low = _empty_source(grad, tuple(low.shape[-2:]), low.dtype, low)
+    grad_high = _empty_source(grad, tuple(high.shape[-2:]), high.dtype, high)
+    binned_transpose(grad, offsets[:, 2:4], grad_low, DIRECT, config)
+    binned_transpose(grad, offsets[:, 0:2], grad_high, COMPOSITE if upsample_first else DIRECT, config)
     return grad_low, grad_high
-
-
-def plan_align_fa_gather(grad: torch.Tensor, offsets: torch.Tensor, grad_low: torch.Tensor, grad_high: torch.Tensor,
-                         window_low: Window, window_high: Window,
-                         mode_high: int = COMPOSITE, config: GatherConfig | None = None) -> KernelLaunch:
-    """The launch of :func:`align_fa_gather_kernel` (needs h <= H and w <= W) writing ``grad_low`` and ``grad_high``."""
-    check_index_range("grad", grad)
-    n, c, H, W = grad.shape
-    h, w = grad_high.shape[-2:]
-    if h > H or w > W:
-        raise ValueError(f"the fused gather needs a coarse map no larger than the fine one, got {h}x{w} and {H}x{W}")
-    cfg = gather_config(grad, config)
-    block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
-    low_ptr, low_ints, on_device = _window_args(window_low, grad)
-    high_ptr, high_ints, high_on_device = _window_args(window_high, grad)
-    if on_device != high_on_device:
-        raise ValueError("window_low and window_high must both be host integers or both device tensors")
-    return KernelLaunch(
-        align_fa_gather_kernel,
-        grid=(triton.cdiv(H, cfg.tile_h) * triton.cdiv(W, cfg.tile_w), triton.cdiv(c, block_c), n),
-        args=(grad_low, grad_high, grad, offsets, low_ptr, high_ptr,
-              *strides(grad_low), *strides(grad_high), *strides(grad), *strides(offsets),
-              c, H, W, h, w, host_scale(w, W), host_scale(h, H), *low_ints, *high_ints),
-        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=block_c, HIGH_MODE=mode_high,
-                        PIXELS_LAST=pixels_last(grad), WINDOW_ON_DEVICE=on_device,
-                        ACC_DTYPE=accumulation_dtype(grad_low.dtype)[1]),
-        num_warps=cfg.num_warps,
-    )

@@ -85,9 +85,12 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
     grad = feature(s["out_h"], s["out_w"])
     fa_offsets = feature(s["out_h"], s["out_w"], 4, torch.float32)
     cm_offsets = feature(s["out_h"], s["out_w"], 2, torch.float32)
-    # The deterministic gathers, as deterministic mode launches them (window read on the device), and the plain
-    # upsample transpose (window from the sizes, on the host).
-    window = torch.empty(4, dtype=torch.int32, device="meta")
+    int32 = torch.empty(0, dtype=torch.int32, device="meta")
+
+    def bins_of(source: torch.Tensor):
+        return gather.PixelBins(order=int32.new_empty(grad[:, 0].numel()),
+                                starts=int32.new_empty(source[:, 0].numel() + 1))
+
     grad_low, grad_high = feature(s["out_h"], s["out_w"]), feature(s["coarse_h"], s["coarse_w"])
     partial = plan_align_cm_backward(grad, context, cm_offsets)[1][0]
     return [
@@ -104,7 +107,7 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
         ("align_fa_fixed_point_scatter_one_step",
          plan_align_fa_fixed_point_scatter(grad, low, high, fa_offsets, upsample_first=False)[0]),
         ("fixed_point_finalize", plan_fixed_point_finalize(grad_low, *fixed_point_buffers(grad_low),
-                                                           window.new_empty((), dtype=accumulation_dtype(dtype)[0]))),
+                                                           int32.new_empty((), dtype=accumulation_dtype(dtype)[0]))),
         # The exact form where high is larger than low: each pixel's 16 coarse taps unmerged (align_fa.merged_cells).
         ("align_fa_forward_high_larger", plan_align_fa_forward(low, larger, fa_offsets)[0]),
         ("align_fa_backward_high_larger", plan_align_fa_backward(grad, low, larger, fa_offsets)[0]),
@@ -113,17 +116,22 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
         ("align_cm_forward", plan_align_cm_forward(context, cm_offsets, low)[0]),
         ("align_cm_backward", plan_align_cm_backward(grad, context, cm_offsets)[0]),
         ("align_cm_reduce_context", plan_reduce_context_partials(partial, context)[0]),
-        ("gather_warp", gather.plan_gather(grad, fa_offsets[:, 2:4], grad_low, window, gather.DIRECT)),
-        ("gather_upsample", gather.plan_gather(grad, None, grad_high, (-2, 3, -2, 3), gather.DIRECT)),
-        ("align_fa_gather", gather.plan_align_fa_gather(grad, fa_offsets, grad_low, grad_high, window, window,
-                                                        gather.COMPOSITE)),
-        ("align_fa_gather_one_step", gather.plan_align_fa_gather(grad, fa_offsets, grad_low, grad_high, window, window,
-                                                                 gather.DIRECT)),
-        # The device-side window reduction that feeds the gathers, and the atomic fallback for windows too wide.
-        ("gather_window", gather.plan_gather_window(fa_offsets[:, 0:2], window.new_empty(64, 4), high.shape[-2:],
-                                                    gather.COMPOSITE)),
-        ("scatter_transpose", gather.plan_scatter_transpose(
-            grad, fa_offsets[:, 2:4], torch.empty_like(grad_low, dtype=accumulation_dtype(dtype)[0]))),
+        # The binned gathers (the source gradients of the deterministic gather path, AlignCM's large contexts, the
+        # upsample transpose), and the pixel bins they read.
+        ("binned_warp", gather.plan_binned_transpose(grad, fa_offsets[:, 2:4], grad_low, bins_of(grad_low),
+                                                     gather.DIRECT)),
+        ("binned_upsample_warp", gather.plan_binned_transpose(grad, fa_offsets[:, 0:2], grad_high,
+                                                              bins_of(grad_high), gather.COMPOSITE)),
+        ("binned_one_step", gather.plan_binned_transpose(grad, fa_offsets[:, 0:2], grad_high, bins_of(grad_high),
+                                                         gather.DIRECT)),
+        ("binned_upsample", gather.plan_binned_transpose(grad, None, grad_high, bins_of(grad_high), gather.DIRECT)),
+        # a coarse map larger than the output: wider bin spans (bin_span)
+        ("binned_upsample_warp_larger", gather.plan_binned_transpose(grad, fa_offsets[:, 0:2], larger,
+                                                                     bins_of(larger), gather.COMPOSITE)),
+        ("pixel_bins", gather.plan_pixel_bins(fa_offsets[:, 0:2], int32.new_empty(grad[:, 0].numel()),
+                                              grad.shape[-2:], high.shape[-2:], gather.COMPOSITE)),
+        ("pixel_bins_upsample", gather.plan_pixel_bins(None, int32.new_empty(grad[:, 0].numel()), grad.shape[-2:],
+                                                       high.shape[-2:], gather.DIRECT)),
         # The staging copy into the other layout (launch.stage_channels_last), and back with the cast of a buffer.
         ("relayout", plan_relayout(grad, torch.empty_like(grad, memory_format=other_layout))),
         ("relayout_cast", plan_relayout(torch.empty_like(grad, dtype=accumulation_dtype(dtype)[0]),
@@ -324,7 +332,7 @@ def report(archs=(80, 90), dtypes=("float32", "bfloat16"), layouts=("channels_la
                         registers, local_bytes, stack_bytes = cubin_usage(compiled.asm["cubin"])
                         rows.append(KernelReport(
                             name, shape, arch, dtype, layout, block_pixels(launch.constexprs),
-                            launch.constexprs.get("BLOCK_C", 1),  # the window reduction has no channels
+                            launch.constexprs.get("BLOCK_C", 1),  # the bin keys have no channels
                             launch.num_warps, registers, local_bytes, stack_bytes, compiled.metadata.shared,
                             *warp_spans(compiled.asm["ttgir"], launch.constexprs), atomic_ops(compiled.asm["ptx"]),
                         ))

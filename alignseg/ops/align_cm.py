@@ -68,8 +68,8 @@ def align_cm(context: Tensor, offsets: Tensor, local: Tensor) -> Tensor:
     per-program partial sums added in a fixed order (no atomics), so every gradient is bitwise the same
     from run to run on the same device, whether or not ``torch.use_deterministic_algorithms(True)`` is
     set. (It is also the fast path: it moves the bytes of the atomic one within 10 %, see
-    bench/README.md.) One exception outside deterministic mode: a context of more than 64 cells with
-    offsets reaching more than 8 px beyond the zero-offset window scatters with atomics.
+    bench/README.md.) Contexts of more than 64 cells get their gradient from the binned gather of
+    ``alignseg.kernels.align_fa_gather``, deterministic too.
 
     Example:
         >>> ctx, local = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 20, 20)

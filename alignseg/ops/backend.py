@@ -93,8 +93,8 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
 
 # The align_fa backward's source gradients: "auto" (see resolve_backward), "atomic" (the per-pixel kernel
 # scatters them with float atomics), "fixed_point" (a scatter-only kernel with int64 fixed-point atomics:
-# deterministic) or "gather" (deterministic gathers). The gathers move the fewest DRAM bytes by the model of
-# bench/README.md, but their window loop made them the slowest path on an H200 (bench/results/h200-2026-11-27).
+# deterministic) or "gather" (deterministic gathers over pixel bins). The gathers' earlier window scan made them
+# the slowest path on an H200 (bench/results/h200-2026-11-27); the bins that replaced it are not timed on a GPU yet.
 BACKWARD_PATHS = ("auto", "atomic", "fixed_point", "gather")
 _BACKWARD = _Setting("backward path", "ALIGNSEG_BACKWARD", BACKWARD_PATHS)
 
