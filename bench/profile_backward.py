@@ -4,9 +4,10 @@
     ncu --clock-control none -k regex:'align_fa|gather|finalize' --section SpeedOfLight ... \\
         python -m bench.profile_backward paths
 
-``sweep`` times the atomic backward (both AlignFA forms) and the fixed-point scatter of the sources at the issue
-12 shape (N=8, C=256, 219x219 <- 110x110) under a few launch configs each, the table's own config first, and
-prints each time against the table's; a config that fails to compile or launch is reported and skipped.
+``sweep`` times the atomic backward (both AlignFA forms), the fixed-point scatter of the sources and the binned
+gathers at the issue 12 shape (N=8, C=256, 219x219 <- 110x110) under a few launch configs each, the table's own
+config first, and prints each time against the table's; a config that fails to compile or launch is reported and
+skipped (the candidates are not checked for spills: the compile matrix checks the tables only).
 ``paths`` runs each backward path once per layout (atomic, fixed point, gathers; both forms), printing a marker
 line before each, so a profiler's kernel list can be read path by path. Both need a GPU; without one they run
 tiny shapes under the interpreter, which only shows that the script works.
@@ -23,6 +24,8 @@ from bench.deterministic_backward import DTYPES, LAYOUTS, fa_inputs
 
 # (block_p, max_block_c, num_warps) tried per kernel, besides the table's own.
 CANDIDATES = ((16, 64, 8), (32, 32, 8), (64, 16, 8), (64, 8, 4), (128, 8, 8))
+# (tile_h, tile_w, max_block_c, num_warps) of the binned gathers (GatherConfig), besides the table's own.
+GATHER_CANDIDATES = ((8, 8, 64, 4), (8, 8, 32, 4), (4, 8, 64, 4), (8, 16, 64, 8), (16, 16, 32, 8), (2, 32, 32, 8))
 
 
 def inputs(dtype: torch.dtype, fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
@@ -31,9 +34,26 @@ def inputs(dtype: torch.dtype, fmt: torch.memory_format) -> tuple[torch.Tensor, 
     return grad, low, high, offsets
 
 
+def time_configs(dname: str, lname: str, name: str, configs: list, table, label, run) -> None:
+    """Time ``run(config)`` for each config (only the table's without a GPU), against the first that runs."""
+    base = None
+    for cfg in configs if HAS_GPU else configs[:1]:
+        try:
+            median, p20, p80 = measure(lambda cfg=cfg: run(cfg))
+        except Exception as error:  # noqa: BLE001  (a config that does not compile is a result too)
+            print(f"{dname:5} {lname:13} {name:24} {label(cfg):12} failed: {type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:100]}", flush=True)
+            continue
+        base = median if base is None else base
+        mark = " (table)" if cfg == table else ""
+        print(f"{dname:5} {lname:13} {name:24} {label(cfg):12} {median * 1e3:9.1f} us "
+              f"[{p20 * 1e3:.1f}, {p80 * 1e3:.1f}]  {base / median:5.2f}x the table's{mark}", flush=True)
+
+
 def sweep(dtype_names, layout_names) -> None:
     from alignseg.kernels import launch as launch_module
     from alignseg.kernels.align_fa import align_fa_backward, align_fa_sources_fixed_point
+    from alignseg.kernels.align_fa_gather import GatherConfig, align_fa_backward_deterministic, gather_config
 
     kernels = (
         ("align_fa_backward_exact", lambda g, lo, hi, o, cfg: align_fa_backward(g, lo, hi, o, config=cfg)),
@@ -50,19 +70,16 @@ def sweep(dtype_names, layout_names) -> None:
                 table = launch_module.launch_config(name, args[1])
                 configs = [table] + [launch_module.LaunchConfig(*c) for c in CANDIDATES
                                      if launch_module.LaunchConfig(*c) != table]
-                base = None
-                for cfg in configs if HAS_GPU else configs[:1]:
-                    label = f"{cfg.block_p}x{cfg.max_block_c}/{cfg.num_warps}"
-                    try:
-                        median, p20, p80 = measure(lambda cfg=cfg: fn(*args, cfg))
-                    except Exception as error:  # noqa: BLE001  (a config that does not compile is a result too)
-                        print(f"{dname:5} {lname:13} {name:24} {label:10} failed: {type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:100]}", flush=True)
-                        continue
-                    base = median if base is None else base
-                    mark = " (table)" if cfg == table else ""
-                    print(f"{dname:5} {lname:13} {name:24} {label:10} {median * 1e3:9.1f} us "
-                          f"[{p20 * 1e3:.1f}, {p80 * 1e3:.1f}]  {base / median:5.2f}x the table's{mark}", flush=True)
+                time_configs(dname, lname, name, configs, table,
+                             lambda cfg: f"{cfg.block_p}x{cfg.max_block_c}/{cfg.num_warps}",
+                             lambda cfg, fn=fn: fn(*args, cfg))
+            table = gather_config(args[0])
+            configs = [table] + [GatherConfig(*c) for c in GATHER_CANDIDATES if GatherConfig(*c) != table]
+            for first in (True, False):
+                time_configs(dname, lname, f"binned_gathers{'_exact' if first else ''}", configs, table,
+                             lambda cfg: f"{cfg.tile_h}x{cfg.tile_w}x{cfg.max_block_c}/{cfg.num_warps}",
+                             lambda cfg, first=first: align_fa_backward_deterministic(*args, upsample_first=first,
+                                                                                      config=cfg))
 
 
 def paths(dtype_names, layout_names) -> None:
