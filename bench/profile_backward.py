@@ -5,9 +5,11 @@
         python -m bench.profile_backward paths
 
 ``sweep`` times the atomic backward (both AlignFA forms), the fixed-point scatter of the sources and the binned
-gathers at the issue 12 shape (N=8, C=256, 219x219 <- 110x110) under a few launch configs each, the table's own
-config first, and prints each time against the table's; a config that fails to compile or launch is reported and
-skipped (the candidates are not checked for spills: the compile matrix checks the tables only).
+gathers at the issue 12 shape (N=8, C=256, 219x219 <- 110x110), and the AlignCM backward at its stride-4 stress
+shape (N=4, 3x3 context; also with 1 and 4 pixel blocks per program, against ``TARGET_PROGRAMS``' choice), under a
+few launch configs each, the table's own config first, and prints each time against the table's; a config that
+fails to compile or launch is reported and skipped (the candidates are not checked for spills: the compile matrix
+checks the tables only).
 ``paths`` runs each backward path once per layout (atomic, fixed point, gathers; both forms), printing a marker
 line before each, so a profiler's kernel list can be read path by path. Both need a GPU; without one they run
 tiny shapes under the interpreter, which only shows that the script works.
@@ -34,6 +36,15 @@ def inputs(dtype: torch.dtype, fmt: torch.memory_format) -> tuple[torch.Tensor, 
     return grad, low, high, offsets
 
 
+def cm_inputs(dtype: torch.dtype, fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    """(grad, context, offsets) of the AlignCM backward at the stride-4 stress shape (tiny without a GPU)."""
+    n, c, H, W = (4, 256, 219, 219) if HAS_GPU else (1, 4, 13, 11)
+    dev = "cuda" if HAS_GPU else "cpu"
+    grad = torch.randn(n, c, H, W, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    context = torch.randn(n, c, 3, 3, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    return grad, context, (torch.randn(n, 2, H, W, device=dev) * 1.5).contiguous(memory_format=fmt)
+
+
 def time_configs(dname: str, lname: str, name: str, configs: list, table, label, run) -> None:
     """Time ``run(config)`` for each config (only the table's without a GPU), against the first that runs."""
     base = None
@@ -52,6 +63,7 @@ def time_configs(dname: str, lname: str, name: str, configs: list, table, label,
 
 def sweep(dtype_names, layout_names) -> None:
     from alignseg.kernels import launch as launch_module
+    from alignseg.kernels.align_cm import align_cm_backward
     from alignseg.kernels.align_fa import align_fa_backward, align_fa_sources_fixed_point
     from alignseg.kernels.align_fa_gather import GatherConfig, align_fa_backward_deterministic, gather_config
 
@@ -73,6 +85,15 @@ def sweep(dtype_names, layout_names) -> None:
                 time_configs(dname, lname, name, configs, table,
                              lambda cfg: f"{cfg.block_p}x{cfg.max_block_c}/{cfg.num_warps}",
                              lambda cfg, fn=fn: fn(*args, cfg))
+            cm_args = cm_inputs(DTYPES[dname], LAYOUTS[lname])
+            table = launch_module.launch_config("align_cm_backward", cm_args[0])
+            configs = [table] + [launch_module.LaunchConfig(*c) for c in CANDIDATES
+                                 if launch_module.LaunchConfig(*c) != table]
+            for per_program in (None, 1, 4):
+                time_configs(dname, lname, f"align_cm_backward/{per_program or 'auto'}", configs, table,
+                             lambda cfg: f"{cfg.block_p}x{cfg.max_block_c}/{cfg.num_warps}",
+                             lambda cfg, per_program=per_program: align_cm_backward(
+                                 *cm_args, config=cfg, pixel_blocks_per_program=per_program))
             table = gather_config(args[0])
             configs = [table] + [GatherConfig(*c) for c in GATHER_CANDIDATES if GatherConfig(*c) != table]
             for first in (True, False):
