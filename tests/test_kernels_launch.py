@@ -113,7 +113,8 @@ def test_every_kernel_is_planned_so_the_compile_matrix_sees_it():
                for attr, obj in vars(module).items()
                if attr.endswith("_kernel") and hasattr(obj, "fn")}
     planned = {name(launch.kernel) for _, launch in report.example_plans(torch.float32, torch.channels_last)}
-    assert len(defined) >= 10 and defined <= planned, f"kernels the compile matrix never builds: {defined - planned}"
+    assert {"align_fa_forward_kernel", "binned_transpose_kernel", "pixel_bin_kernel"} <= defined  # discovery works
+    assert defined <= planned, f"kernels the compile matrix never builds: {defined - planned}"
 
 
 def test_kernels_read_no_plain_globals():
