@@ -85,7 +85,7 @@ class GatherConfig:
 # contiguous (NCHW): the lanes of a warp run along W (launch.pixels_last orients the tile so), so tiles
 # are wide along W. 8 warps: 16 accumulator elements per thread. fp64 (two registers per element): 4x8 tiles of
 # 32 channels at 16 warps (the window gathers that came before reached 255 registers and a stack at 8x8x64 on
-# 8 warps). The binned gather takes 40-175 registers across the compile matrix (sm_80/sm_90, triton 3.9), no
+# 8 warps). The binned gather takes 25-163 registers across the compile matrix (sm_80/sm_90, triton 3.9), no
 # spills (bench/README.md has the table).
 GATHER_CONFIGS = {
     "channels_last": GatherConfig(tile_h=8, tile_w=8, max_block_c=64, num_warps=8),
