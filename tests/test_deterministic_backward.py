@@ -196,6 +196,13 @@ def test_binned_gather_where_pixels_crowd_one_cell(upsample_first):
     assert torch.equal(G.binned_transpose(grad, off, torch.empty(n, c, *hw), mode), first)
 
 
+def test_pixel_bins_refuse_sizes_past_int32():
+    """Bin keys and pixel indices are int32: a batch past that range is refused up front, naming the sizes."""
+    G = gather()
+    with pytest.raises(ValueError, match=r"int32: 65536 images of 256x256 pixels"):
+        G.pixel_bins(None, 2**16, (256, 256), (4, 4), device=torch.device("meta"))
+
+
 class deterministic:
     def __enter__(self):
         self.previous = torch.are_deterministic_algorithms_enabled()
