@@ -14,8 +14,9 @@ pixel's taps reach at most ``SPAN`` cells per axis from its bin's cell: 2 for a 
 for the upsample-then-warp of a source no larger than the output (two fine taps, each upsampled from two
 coarse cells at most one apart), ``ceil(scale) + 3`` for a larger source (one cell of margin for the fp32
 rounding of ``p * scale``). So cell t visits the pixels of the bins ``t - (a, b)``, ``0 <= a, b < SPAN``,
-and tests each exactly with the forward's own arithmetic (:func:`accumulate_candidates`): work in
-proportion to the taps, however far or however alike the offsets. The stable sort keeps each bin's pixels
+and tests each exactly with the forward's own arithmetic (:func:`accumulate_candidates`): the steps
+follow each tile's fullest bin, not the largest offset (pixels crowding onto a few cells cost steps; far ones
+do not). The stable sort keeps each bin's pixels
 in index order, so the order of addition is fixed. NaN, infinite and huge offsets whose taps all leave the
 map go to a bin after every other, which no cell visits.
 
