@@ -66,6 +66,15 @@ def source_coordinate(index, shift, scale, src_size):
 
 
 @triton.jit
+def tap_weight(frac, D: tl.constexpr):
+    """(weight, d weight / d frac) of tap D (0 or 1) of a linear interpolation at fraction ``frac``."""
+    if D == 1:
+        return frac, 1.0
+    else:
+        return 1.0 - frac, -1.0
+
+
+@triton.jit
 def bilinear_tap(x0, y0, fx, fy, h, w, DX: tl.constexpr, DY: tl.constexpr):
     """Tap (x0 + DX, y0 + DY): its source column and row, weight, d(weight)/dfx, d(weight)/dfy, inside mask.
 
@@ -73,18 +82,8 @@ def bilinear_tap(x0, y0, fx, fy, h, w, DX: tl.constexpr, DY: tl.constexpr):
     """
     xx = x0 + DX
     yy = y0 + DY
-    if DX == 1:
-        wx = fx
-        dwx = 1.0
-    else:
-        wx = 1.0 - fx
-        dwx = -1.0
-    if DY == 1:
-        wy = fy
-        dwy = 1.0
-    else:
-        wy = 1.0 - fy
-        dwy = -1.0
+    wx, dwx = tap_weight(fx, DX)
+    wy, dwy = tap_weight(fy, DY)
     inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
     return xx, yy, wx * wy, dwx * wy, wx * dwy, inside
 
@@ -315,12 +314,7 @@ def upsampled_axis_weight(f0, ff, fine_size, up_scale, coarse_size, target):
     hits = tl.zeros(ff.shape, dtype=tl.int32)
     for D in tl.static_range(2):
         p = f0 + D
-        if D == 1:
-            wf = ff
-            dwf = 1.0
-        else:
-            wf = 1.0 - ff
-            dwf = -1.0
+        wf, dwf = tap_weight(ff, D)
         u0, uf = source_coordinate(p.to(ff.dtype), 0.0, up_scale, coarse_size)
         d = target - u0
         tap_hit = (p >= 0) & (p < fine_size) & ((d == 0) | (d == 1))
