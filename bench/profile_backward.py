@@ -4,8 +4,8 @@
     ncu --clock-control none -k regex:'align_fa|gather|finalize' --section SpeedOfLight ... \\
         python -m bench.profile_backward paths
 
-``sweep`` times the atomic backward (both AlignFA forms), the fixed-point scatter of the sources and the binned
-gathers at the issue 12 shape (N=8, C=256, 219x219 <- 110x110), and the AlignCM backward at its stride-4 stress
+``sweep`` times the atomic backward (both AlignFA forms), the fixed-point scatter of the sources and the one-launch
+gather backward at the issue 12 shape (N=8, C=256, 219x219 <- 110x110), and the AlignCM backward at its stride-4 stress
 shape (N=4, 3x3 context; also with 1 and 4 pixel blocks per program, against ``TARGET_PROGRAMS``' choice), under a
 few launch configs each, the table's own config first, and prints each time against the table's; a config that
 fails to compile or launch is reported and skipped (the candidates are not checked for spills: the compile matrix
@@ -26,8 +26,10 @@ from bench.deterministic_backward import DTYPES, LAYOUTS, fa_inputs
 
 # (block_p, max_block_c, num_warps) tried per kernel, besides the table's own.
 CANDIDATES = ((16, 64, 8), (32, 32, 8), (64, 16, 8), (64, 8, 4), (128, 8, 8))
-# (tile_h, tile_w, max_block_c, num_warps) of the binned gathers (GatherConfig), besides the table's own.
-GATHER_CANDIDATES = ((8, 8, 64, 4), (8, 8, 32, 4), (4, 8, 64, 4), (8, 16, 64, 8), (16, 16, 32, 8), (2, 32, 32, 8))
+# (tile_h, tile_w, max_block_c, num_warps, pixel_block) of the one-launch gather backward (GatherConfig;
+# pixel_block: its offsets-gradient step), besides the table's own (FUSED_GATHER_CONFIGS).
+GATHER_CANDIDATES = ((8, 8, 64, 8, 16), (8, 8, 32, 8, 8), (8, 8, 64, 4, 8), (4, 8, 64, 8, 8), (8, 16, 64, 8, 8),
+                     (16, 16, 32, 8, 16), (2, 32, 32, 8, 16))
 
 
 def inputs(dtype: torch.dtype, fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
@@ -65,7 +67,12 @@ def sweep(dtype_names, layout_names) -> None:
     from alignseg.kernels import launch as launch_module
     from alignseg.kernels.align_cm import align_cm_backward
     from alignseg.kernels.align_fa import align_fa_backward, align_fa_sources_fixed_point
-    from alignseg.kernels.align_fa_gather import GatherConfig, align_fa_backward_deterministic, gather_config
+    from alignseg.kernels.align_fa_gather import (
+        FUSED_GATHER_CONFIGS,
+        GatherConfig,
+        align_fa_backward_deterministic,
+        gather_config,
+    )
 
     kernels = (
         ("align_fa_backward_exact", lambda g, lo, hi, o, cfg: align_fa_backward(g, lo, hi, o, config=cfg)),
@@ -94,11 +101,12 @@ def sweep(dtype_names, layout_names) -> None:
                              lambda cfg: f"{cfg.block_p}x{cfg.max_block_c}/{cfg.num_warps}",
                              lambda cfg, per_program=per_program: align_cm_backward(
                                  *cm_args, config=cfg, pixel_blocks_per_program=per_program))
-            table = gather_config(args[0])
+            table = gather_config(args[0], None, FUSED_GATHER_CONFIGS)
             configs = [table] + [GatherConfig(*c) for c in GATHER_CANDIDATES if GatherConfig(*c) != table]
             for first in (True, False):
-                time_configs(dname, lname, f"binned_gathers{'_exact' if first else ''}", configs, table,
-                             lambda cfg: f"{cfg.tile_h}x{cfg.tile_w}x{cfg.max_block_c}/{cfg.num_warps}",
+                time_configs(dname, lname, f"gather_backward{'_exact' if first else ''}", configs, table,
+                             lambda cfg: f"{cfg.tile_h}x{cfg.tile_w}x{cfg.max_block_c}/{cfg.num_warps}"
+                                         f"p{cfg.pixel_block or '-'}",
                              lambda cfg, first=first: align_fa_backward_deterministic(*args, upsample_first=first,
                                                                                       config=cfg))
 

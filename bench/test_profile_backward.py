@@ -17,7 +17,7 @@ def test_sweep_times_every_kernel_at_its_table_config(capsys):
     kernels = {line.split()[2] for line in rows}
     assert kernels == {"align_fa_backward_exact", "align_fa_backward", "align_fa_scatter_exact", "align_fa_scatter",
                        "align_cm_backward/auto", "align_cm_backward/1", "align_cm_backward/4",
-                       "binned_gathers_exact", "binned_gathers"}, rows
+                       "gather_backward_exact", "gather_backward"}, rows
 
 
 def test_paths_marks_each_backward_path(capsys):

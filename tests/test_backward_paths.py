@@ -62,18 +62,17 @@ def launches(monkeypatch) -> dict[str, int]:
         monkeypatch.setattr(module, name, counted)
 
     counting(fa_kernels, "align_fa_backward")  # the atomic path
-    counting(fa_kernels, "align_fa_offsets_backward")  # the gather and fixed-point paths: offsets' gradient
+    counting(fa_kernels, "align_fa_offsets_backward")  # the fixed-point path: offsets' gradient
     counting(fa_kernels, "align_fa_sources_fixed_point")  # the fixed-point path: source gradients
-    counting(gather_kernels, "align_fa_backward_deterministic")  # the gather path: source gradients
+    counting(gather_kernels, "align_fa_backward_deterministic")  # the gather path: all three gradients
     return counts
 
 
-GATHER_PATH = {"align_fa_offsets_backward": 1, "align_fa_backward_deterministic": 1}
+GATHER_PATH = {"align_fa_backward_deterministic": 1}
 ATOMIC_PATH = {"align_fa_backward": 1}
 FIXED_POINT_PATH = {"align_fa_offsets_backward": 1, "align_fa_sources_fixed_point": 1}
-# In deterministic mode: the path requested, and the launches it must make (auto: the fixed point, the gathers for
-# float64 maps).
-DETERMINISTIC_PATHS = {"auto": FIXED_POINT_PATH, "fixed_point": FIXED_POINT_PATH, "gather": GATHER_PATH}
+# In deterministic mode: the path requested, and the launches it must make (auto: the gathers).
+DETERMINISTIC_PATHS = {"auto": GATHER_PATH, "fixed_point": FIXED_POINT_PATH, "gather": GATHER_PATH}
 
 
 def make_inputs(H, W, h, w, dtype=torch.float32, layout=torch.contiguous_format, n=2, c=3, seed=0):
@@ -108,7 +107,7 @@ def check_against_reference(low, high, offsets, grad, upsample_first, atol=2e-5)
     return result
 
 
-@pytest.mark.parametrize("path", ["auto", "gather"])
+@pytest.mark.parametrize("path", ["auto", "fixed_point"])
 @pytest.mark.parametrize("upsample_first", [True, False])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("size", SIZES)
@@ -156,10 +155,10 @@ def test_default_path_is_atomic_outside_deterministic_mode_and_every_path_stays_
     monkeypatch.setenv("ALIGNSEG_BACKWARD", "auto")
     torch.use_deterministic_algorithms(True)
     check_against_reference(*inputs, upsample_first)
-    assert launches == FIXED_POINT_PATH  # auto, in deterministic mode: the faster deterministic path on a GPU
+    assert launches == GATHER_PATH  # auto, in deterministic mode: the gathers (backend.resolve_backward says why)
     launches.clear()
     check_against_reference(*(t.double() for t in inputs), upsample_first)
-    assert launches == GATHER_PATH  # ... except for float64 maps: the gathers keep float64's rounding
+    assert launches == GATHER_PATH  # float64 maps too
     # The paths sum in different orders (and the fixed point rounds each term): equal to rounding, not bitwise.
     for a, b, c in zip(gathered, atomic, fixed):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
@@ -276,10 +275,9 @@ def test_deterministic_mode_gradcheck_float64(layout, upsample_first, path, laun
     with use_backend("triton"), use_backward(path):
         assert torch.autograd.gradcheck(lambda a, b, o: align_fa(a, b, o, upsample_first=upsample_first), inputs,
                                         eps=1e-6, atol=1e-7, fast_mode=True)
-    # auto takes the gathers for float64 maps. The fixed point, forced, is coarser than float64 (its rounding is
-    # about 1e-14 of the largest gradient here), still well inside gradcheck's tolerance.
-    expected = GATHER_PATH if path == "auto" else DETERMINISTIC_PATHS[path]
-    assert launches.keys() == expected.keys() and "align_fa_backward" not in launches
+    # auto takes the gathers. The fixed point, forced, is coarser than float64 (its rounding is about 1e-14 of the
+    # largest gradient here), still well inside gradcheck's tolerance.
+    assert launches.keys() == DETERMINISTIC_PATHS[path].keys() and "align_fa_backward" not in launches
 
 
 def test_alert_fires_only_for_a_forced_atomic_path(monkeypatch, deterministic_algorithms):
@@ -290,7 +288,7 @@ def test_alert_fires_only_for_a_forced_atomic_path(monkeypatch, deterministic_al
     leaves = [t.requires_grad_(True) for t in (low, high, offsets)]
     torch.use_deterministic_algorithms(True)
     with use_backend("triton"):
-        align_fa(*leaves).sum().backward()  # auto: the fixed-point path in deterministic mode, silent
+        align_fa(*leaves).sum().backward()  # auto: the gather path in deterministic mode, silent
         align_cm(high, offsets[:, :2], low).sum().backward()  # deterministic on its own: silent
         with use_backward("atomic"):
             with pytest.raises(RuntimeError, match="align_fa_backward does not have a deterministic implementation"):
@@ -304,7 +302,7 @@ def test_alert_fires_only_for_a_forced_atomic_path(monkeypatch, deterministic_al
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("upsample_first", [True, False])
-@pytest.mark.parametrize("path", ["auto", "gather"])
+@pytest.mark.parametrize("path", ["auto", "fixed_point"])
 def test_cuda_backward_is_bitwise_reproducible_in_deterministic_mode(path, upsample_first, dtype, launches,
                                                                       deterministic_algorithms):
     needs_kernels(torch.device("cuda"))

@@ -225,48 +225,101 @@ def test_gather_writes_every_element():
     assert torch.equal(G.binned_transpose(grad, off, torch.empty_like(out)), out), "two runs must be bitwise equal"
 
 
-@pytest.mark.parametrize("upsample_first, layout, high_hw", [
-    (True, torch.contiguous_format, (5, 7)), (True, torch.channels_last, (5, 7)),
-    (False, torch.contiguous_format, (5, 7)), (False, torch.channels_last, (5, 7)),
-    (True, torch.channels_last, (11, 15))],
-    ids=["upsample-first-contiguous", "upsample-first-channels_last", "one-step-contiguous", "one-step-channels_last",
-         "upsample-first-high-larger"])
-def test_align_fa_backward_deterministic(upsample_first, layout, high_hw, monkeypatch):
-    """Both source gradients, each by one binned gather."""
+def offsets_gradient_reference(grad, low, high, offsets, upsample_first):
+    """d out / d offsets of AlignFA by autograd through the eager reference, in float64."""
+    from alignseg.ops import align_fa_reference
+
+    leaf = offsets.detach().double().requires_grad_(True)
+    align_fa_reference(low.double(), high.double(), leaf, upsample_first=upsample_first).backward(grad.double())
+    return leaf.grad
+
+
+# (H, W, h, w, config): the interpreter's one tile per image, then small tiles (several tiles, tile edges inside the
+# maps, channel blocks of 2 over C = 3, offsets' gradient steps of 2 pixels), a coarse map larger than the output.
+FUSED_CASES = {
+    "one-tile": (9, 13, 5, 7, None),
+    "small-tiles": (7, 9, 4, 5, (2, 4, 2, 1, 2, 1)),
+    "high-larger-small-tiles": (5, 6, 7, 9, (4, 2, 2, 1, 4, 1)),
+}
+
+
+@pytest.mark.parametrize("upsample_first", [True, False], ids=["upsample-first", "one-step"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("case", FUSED_CASES, ids=FUSED_CASES.keys())
+def test_align_fa_backward_deterministic(case, layout, upsample_first, monkeypatch):
+    """All three gradients from one launch: the sources' against the float64 transposes, the offsets' against
+    autograd through the reference and bitwise against the per-pixel kernel's (the same sums in the same order)."""
+    from alignseg.kernels.align_fa import align_fa_offsets_backward
+
     G = gather()
-    binned = []
-    transpose = G.binned_transpose
-    monkeypatch.setattr(G, "binned_transpose", lambda *a, **k: binned.append(1) or transpose(*a, **k))
-    n, c, H, W = 1, 3, 9, 13
+    H, W, h, w, config = FUSED_CASES[case]
+    config = G.GatherConfig(*config) if config else None
+    if case != "one-tile" and (layout == torch.contiguous_format or not upsample_first):
+        pytest.skip("small tiles: channels_last, upsample-first only (each costs ~10 s under the interpreter)")
+    launches = []
+    plan = G.plan_align_fa_gather_backward
+    monkeypatch.setattr(G, "plan_align_fa_gather_backward", lambda *a, **k: launches.append(1) or plan(*a, **k))
+    n, c = 2, 3
     low = torch.randn(n, c, H, W).contiguous(memory_format=layout)
-    high = torch.randn(n, c, *high_hw).contiguous(memory_format=layout)
+    high = torch.randn(n, c, h, w).contiguous(memory_format=layout)
     offsets = torch.cat((offsets_of(n, H, W), offsets_of(n, H, W)), 1).contiguous(memory_format=layout)
     grad = torch.randn(n, c, H, W).contiguous(memory_format=layout)
-    grad_low, grad_high = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first)
-    assert len(binned) == 2
-    assert grad_low.shape == low.shape and grad_high.shape == high.shape
+    grad_low, grad_high, grad_offsets = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first,
+                                                                          config)
+    assert launches == [1]
+    assert grad_low.shape == low.shape and grad_high.shape == high.shape and grad_offsets.shape == offsets.shape
     assert grad_high.stride() == high.stride() and grad_low.stride() == low.stride()
     check_close(grad_low, transpose_reference(grad, offsets[:, 2:4], (H, W)), torch.float32)
-    check_close(grad_high, transpose_reference(grad, offsets[:, 0:2], high_hw, upsample_first), torch.float32)
+    check_close(grad_high, transpose_reference(grad, offsets[:, 0:2], (h, w), upsample_first), torch.float32)
+    check_close(grad_offsets, offsets_gradient_reference(grad, low, high, offsets, upsample_first), torch.float32)
+    if config is None:
+        assert torch.equal(grad_offsets, align_fa_offsets_backward(grad, low, high, offsets,
+                                                                   upsample_first=upsample_first))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["fp64", "fp16", "bf16"])
+def test_align_fa_backward_deterministic_dtypes(dtype):
+    """The one launch in float64 (to float64's rounding) and in half precision (accumulated in fp32, written in the
+    maps' dtype), all three gradients against autograd through the reference."""
+    G = gather()
+    n, c, H, W, h, w = 1, 3, 9, 13, 5, 7
+    low = torch.randn(n, c, H, W).to(dtype).contiguous(memory_format=torch.channels_last)
+    high = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    offsets = torch.cat((offsets_of(n, H, W), offsets_of(n, H, W)), 1).to(dtype if dtype == torch.float64 else
+                                                                              torch.float32)
+    grad = torch.randn(n, c, H, W).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad_low, grad_high, grad_offsets = G.align_fa_backward_deterministic(grad, low, high, offsets)
+    assert grad_low.dtype == grad_high.dtype == dtype and grad_offsets.dtype == offsets.dtype
+    check_close(grad_low, transpose_reference(grad, offsets[:, 2:4], (H, W)), dtype)
+    check_close(grad_high, transpose_reference(grad, offsets[:, 0:2], (h, w), True), dtype)
+    check_close(grad_offsets, offsets_gradient_reference(grad, low, high, offsets, True), dtype)
 
 
 @pytest.mark.parametrize("upsample_first", [True, False], ids=["upsample-first", "one-step"])
 def test_align_fa_backward_deterministic_reads_nothing_on_the_host(upsample_first, monkeypatch):
-    """The binned gathers take their bins from the device: no host read, in any mode."""
+    """The gather backward takes its bins from the device: no host read, in any mode."""
     G = gather()
 
     def no_host_read(*args, **kwargs):
-        raise AssertionError("the binned gathers read nothing back to the host")
+        raise AssertionError("the gather backward reads nothing back to the host")
 
     monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
     monkeypatch.setattr(torch.Tensor, "item", no_host_read)
     n, c, H, W, h, w = 1, 2, 9, 8, 5, 4
     low, high, grad = torch.randn(n, c, H, W), torch.randn(n, c, h, w), torch.randn(n, c, H, W)
     offsets = torch.cat((offsets_of(n, H, W), offsets_of(n, H, W)), 1)
-    grad_low, grad_high = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first)
+    grad_low, grad_high, _ = G.align_fa_backward_deterministic(grad, low, high, offsets, upsample_first)
     monkeypatch.undo()
     check_close(grad_low, transpose_reference(grad, offsets[:, 2:4], (H, W)), torch.float32)
     check_close(grad_high, transpose_reference(grad, offsets[:, 0:2], (h, w), upsample_first), torch.float32)
+
+
+def test_tile_group_is_the_fine_tiles_a_coarse_tile_covers():
+    """A gather-backward program's coarse tile (as many cells as a fine tile) covers about (H - 1) / (h - 1) fine
+    tiles per axis; 1 where the coarse map is not smaller."""
+    G = gather()
+    assert [G.tile_group(219, 110), G.tile_group(219, 55), G.tile_group(29, 15), G.tile_group(13, 5)] == [2, 4, 2, 3]
+    assert [G.tile_group(219, 219), G.tile_group(219, 240), G.tile_group(1, 1), G.tile_group(219, 1)] == [1, 1, 1, 218]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +450,11 @@ for dtype, fmt in ((torch.float32, torch.channels_last), (torch.bfloat16, torch.
              ("binned_upsample", G.plan_binned_transpose(grad, None, high, bins_high, G.DIRECT)),
              ("binned_upsample_warp_larger", G.plan_binned_transpose(grad, offsets[:, 0:2], larger, bins_larger,
                                                                      G.COMPOSITE)),
+             ("gather_backward", G.plan_align_fa_gather_backward(grad, grad, high, offsets, (grad, high, offsets),
+                                                                  bins_low, bins_high)),
+             ("gather_backward_one_step", G.plan_align_fa_gather_backward(grad, grad, high, offsets,
+                                                                           (grad, high, offsets), bins_low, bins_high,
+                                                                           upsample_first=False)),
              ("pixel_bins", G.plan_pixel_bins(offsets[:, 0:2], index(8 * 219 * 219), (219, 219), (110, 110),
                                               G.COMPOSITE)),
              ("pixel_bins_upsample", G.plan_pixel_bins(None, index(8 * 219 * 219), (219, 219), (110, 110)))]
@@ -423,7 +481,7 @@ def test_new_kernels_compile_for_sm90_without_spills():
     import json
 
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(rows) == 27
+    assert len(rows) == 33
     assert not [r for r in rows if r["local_bytes"] or r["stack_bytes"]], f"register spills: {rows}"
     assert all(0 < r["registers"] <= 255 for r in rows)
 

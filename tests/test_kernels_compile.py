@@ -5,11 +5,12 @@ triton reads registers and local memory (spills) from the cubin. The kernels mus
 functions, so the report runs in subprocesses with ``TRITON_INTERPRET=0`` (this process imported them under
 the interpreter), one per arch, side by side on CI's two cores.
 
-The matrix: 24 kernels (the forward and backward of each op and form, the align_fa backward without its
+The matrix: 27 kernels (the forward and backward of each op and form, the align_fa backward without its
 scatter, the fixed-point scatter of each form and its final pass, the exact form's forward, backward and
 fixed-point scatter with a coarse map larger than the fine one (16 coarse taps a pixel, unmerged), the staging
-copies, and the deterministic backward's binned gathers, pixel bins and context reduction) x
-{fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument shapes x 2 archs = 1536 compiles.
+copies, and the deterministic backward's one-launch gather backward (both forms, and a larger coarse map), binned
+gathers, pixel bins and context reduction) x {fp32, fp16, bf16, fp64} x {channels_last, contiguous} x 4 argument
+shapes x 2 archs = 1728 compiles.
 The interpreter does not specialise, so
 this is the only test that sees the code Triton's JIT builds for each case. The shapes
 (``alignseg.kernels.report.SHAPES``) are chosen by what changes that code: Triton turns an integer argument equal
@@ -53,7 +54,9 @@ KERNELS = {"align_fa_forward", "align_fa_backward", "align_fa_forward_one_step",
            "align_fa_fixed_point_scatter_high_larger"}
 # The deterministic backward's kernels (alignseg/kernels/align_fa_gather.py, the context reduction of align_cm).
 GATHER_KERNELS = {"align_cm_reduce_context", "binned_warp", "binned_upsample_warp", "binned_one_step",
-                  "binned_upsample", "binned_upsample_warp_larger", "pixel_bins", "pixel_bins_upsample"}
+                  "binned_upsample", "binned_upsample_warp_larger", "pixel_bins", "pixel_bins_upsample",
+                  "align_fa_gather_backward", "align_fa_gather_backward_one_step",
+                  "align_fa_gather_backward_high_larger"}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 LAYOUTS = ("channels_last", "contiguous")
 ARCHS = (80, 90)

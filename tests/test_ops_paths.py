@@ -135,7 +135,7 @@ def test_an_empty_source_is_an_error_only_when_the_output_is_not_empty():
 # ----------------------------------------------------------------------------------------------
 # Determinism: the atomic backward path of align_fa (ALIGNSEG_BACKWARD=atomic) adds with atomics on a GPU;
 # with deterministic algorithms requested it must raise (or warn under warn_only) like PyTorch's own
-# nondeterministic ops. The default ("auto") takes the fixed-point path in that mode (the gathers for float64); they
+# nondeterministic ops. The default ("auto") takes the gather path in that mode; it, the fixed-point path
 # and align_cm are deterministic (tests/test_backward_paths.py).
 
 

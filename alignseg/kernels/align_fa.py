@@ -131,23 +131,13 @@ def align_fa_forward_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask(mask_p, mask_c, PIXELS_LAST))
 
 
-# d out / d offset = scale * sum over c and taps of grad[c] * d(w_t)/d(frac) * src[c, t]: a sum over
-# all channels, so one program owns a block of pixels and loops over channel blocks, writing each
-# offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer
-# (UPSAMPLE_FIRST: src[t] is U(high) at a fine tap, and d out / d high scatters grad * w_t * u_k into
-# U's coarse taps k, merged into 3x3 cells with MERGED_CELLS). SCATTER_SOURCES=False writes the offsets'
-# gradient only (the source gradients come from the gathers of align_fa_gather.py or the fixed-point scatter):
-# the buffer pointers are then never touched.
-# Grid: (pixel blocks, N).
+# The per-pixel backward of one block of output pixels (rows, cols, mask_p) of image n: writes their four offset
+# gradients, and with SCATTER_SOURCES scatters d out / d low and d out / d high (see align_fa_backward_kernel).
+# Shared by align_fa_backward_kernel and the deterministic gather backward (align_fa_gather.py), which runs it
+# over the pixels of its tile with the scatter off.
 @triton.jit
-def align_fa_backward_kernel(
-    grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
-    grad_high_ptr,  # [N, C, h, w] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
-    grad_offsets_ptr,  # [N, 4, H, W] written once per pixel
-    grad_ptr,  # [N, C, H, W] gradient of the output
-    low_ptr,  # [N, C, H, W]
-    high_ptr,  # [N, C, h, w]
-    offsets_ptr,  # [N, 4, H, W]
+def pixel_block_backward(
+    grad_low_ptr, grad_high_ptr, grad_offsets_ptr, grad_ptr, low_ptr, high_ptr, offsets_ptr,
     gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
     gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
     go_stride_n, go_stride_c, go_stride_h, go_stride_w,
@@ -156,18 +146,16 @@ def align_fa_backward_kernel(
     high_stride_n, high_stride_c, high_stride_h, high_stride_w,
     off_stride_n, off_stride_c, off_stride_h, off_stride_w,
     C, H, W, h, w,
-    high_scale_x, high_scale_y,  # align-corners scales of high, fp32 (see align_corners_scale)
+    high_scale_x, high_scale_y,
+    n, rows, cols, mask_p,  # int64 image; [BLOCK_P] int64 rows and columns and their mask
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPSAMPLE_FIRST: tl.constexpr,
-    MERGED_CELLS: tl.constexpr,  # UPSAMPLE_FIRST with h <= H and w <= W (see merged_cells)
+    MERGED_CELLS: tl.constexpr,
     SCATTER_SOURCES: tl.constexpr,
     PIXELS_LAST: tl.constexpr,
 ):
-    n = tl.program_id(1).to(tl.int64)
-    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
-
     shift_ptr = offsets_ptr + n * off_stride_n
     shift_at = rows * off_stride_h + cols * off_stride_w
     rows_acc = rows.to(ACC_DTYPE)
@@ -229,6 +217,56 @@ def align_fa_backward_kernel(
     tl.store(go_at + channel_offset(1, go_stride_c), (high_dfy * sy_warp).to(out_ty), mask=mask_p)
     tl.store(go_at + channel_offset(2, go_stride_c), (low_dfx * sx_low).to(out_ty), mask=mask_p)
     tl.store(go_at + channel_offset(3, go_stride_c), (low_dfy * sy_low).to(out_ty), mask=mask_p)
+
+
+
+
+# d out / d offset = scale * sum over c and taps of grad[c] * d(w_t)/d(frac) * src[c, t]: a sum over
+# all channels, so one program owns a block of pixels and loops over channel blocks, writing each
+# offset gradient once. d out / d src is a scatter of grad * w_t: atomics into an fp32/fp64 buffer
+# (UPSAMPLE_FIRST: src[t] is U(high) at a fine tap, and d out / d high scatters grad * w_t * u_k into
+# U's coarse taps k, merged into 3x3 cells with MERGED_CELLS). SCATTER_SOURCES=False writes the offsets'
+# gradient only (the source gradients come from the gathers of align_fa_gather.py or the fixed-point scatter):
+# the buffer pointers are then never touched.
+# Grid: (pixel blocks, N).
+@triton.jit
+def align_fa_backward_kernel(
+    grad_low_ptr,  # [N, C, H, W] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
+    grad_high_ptr,  # [N, C, h, w] ACC_DTYPE buffer, zero-filled, accumulated with atomics (SCATTER_SOURCES)
+    grad_offsets_ptr,  # [N, 4, H, W] written once per pixel
+    grad_ptr,  # [N, C, H, W] gradient of the output
+    low_ptr,  # [N, C, H, W]
+    high_ptr,  # [N, C, h, w]
+    offsets_ptr,  # [N, 4, H, W]
+    gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
+    gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
+    go_stride_n, go_stride_c, go_stride_h, go_stride_w,
+    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+    low_stride_n, low_stride_c, low_stride_h, low_stride_w,
+    high_stride_n, high_stride_c, high_stride_h, high_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    C, H, W, h, w,
+    high_scale_x, high_scale_y,  # align-corners scales of high, fp32 (see align_corners_scale)
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    UPSAMPLE_FIRST: tl.constexpr,
+    MERGED_CELLS: tl.constexpr,  # UPSAMPLE_FIRST with h <= H and w <= W (see merged_cells)
+    SCATTER_SOURCES: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    rows, cols, mask_p = output_pixels(tl.program_id(0), H, W, BLOCK_P)
+    pixel_block_backward(grad_low_ptr, grad_high_ptr, grad_offsets_ptr, grad_ptr, low_ptr, high_ptr, offsets_ptr,
+                         gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
+                         gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
+                         go_stride_n, go_stride_c, go_stride_h, go_stride_w,
+                         grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+                         low_stride_n, low_stride_c, low_stride_h, low_stride_w,
+                         high_stride_n, high_stride_c, high_stride_h, high_stride_w,
+                         off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+                         C, H, W, h, w, high_scale_x, high_scale_y, n, rows, cols, mask_p,
+                         BLOCK_P, BLOCK_C, ACC_DTYPE, UPSAMPLE_FIRST, MERGED_CELLS, SCATTER_SOURCES, PIXELS_LAST)
 
 
 # The deterministic source gradients without gathers: d out / d low and d out / d high scattered as int64
@@ -359,6 +397,13 @@ def align_fa_forward(
     return out
 
 
+def backward_config_name(low: torch.Tensor, high: torch.Tensor, upsample_first: bool) -> str:
+    """The launch-config name (launch.GPU_CONFIGS) of the per-pixel backward of these maps."""
+    if not upsample_first:
+        return "align_fa_backward"
+    return "align_fa_backward_exact" if merged_cells(low, high, upsample_first) else "align_fa_backward_exact_16_taps"
+
+
 def plan_align_fa_backward(
     grad: torch.Tensor,
     low: torch.Tensor,
@@ -372,8 +417,8 @@ def plan_align_fa_backward(
     """The backward launch and its outputs: zeroed fp32/fp64 buffers for low and high, and grad_offsets.
 
     ``scatter_sources=False``: the launch writes grad_offsets only; the two buffers are then empty
-    placeholders (no zero fill), the source gradients being left to
-    :func:`alignseg.kernels.align_fa_gather.align_fa_backward_deterministic`.
+    placeholders (no zero fill), the source gradients being left to the fixed-point scatter
+    (:func:`align_fa_sources_fixed_point`).
     """
     check_index_range("low", low)
     n, c, H, W = low.shape
@@ -387,9 +432,7 @@ def plan_align_fa_backward(
     if grad_offsets is None:
         grad_offsets = torch.empty_like(offsets)
     merged = merged_cells(low, high, upsample_first)
-    name = "align_fa_backward" if not upsample_first else (
-        "align_fa_backward_exact" if merged else "align_fa_backward_exact_16_taps")
-    cfg = launch_config(name, low, config)
+    cfg = launch_config(backward_config_name(low, high, upsample_first), low, config)
     buffer_strides = (*strides(grad_low), *strides(grad_high)) if scatter_sources else (0,) * 8
     launch = KernelLaunch(
         align_fa_backward_kernel,

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .align_fa import backward_config_name, merged_cells, pixel_block_backward
 from .bilinear import (
     align_corners_scale,
     output_pixels,
@@ -62,11 +63,14 @@ from .bilinear import (
 from .launch import (
     KernelLaunch,
     accumulation_dtype,
+    channel_block,
     check_index_range,
     contiguous_channels,
     interpreting,
+    launch_config,
     pixels_last,
     strides,
+    target_arch,
 )
 from .launch import align_corners_scale as host_scale
 
@@ -80,6 +84,10 @@ class GatherConfig:
     tile_w: int  # source columns per program (power of two)
     max_block_c: int
     num_warps: int
+    # align_fa_gather_backward_kernel's offsets-gradient steps: pixels and channels per step (default: the
+    # per-pixel backward's launch config; capped at the tile, and at that config's channel block)
+    pixel_block: int | None = None
+    pixel_block_c: int | None = None
 
 
 # channels_last: each pixel is a contiguous channel vector, square tiles reuse gradient rows from L1.
@@ -93,17 +101,31 @@ GATHER_CONFIGS = {
     "contiguous": GatherConfig(tile_h=2, tile_w=32, max_block_c=32, num_warps=8),
     ("channels_last", torch.float64): GatherConfig(tile_h=4, tile_w=8, max_block_c=32, num_warps=16),
 }
+# align_fa_gather_backward_kernel: one kernel for three roles (the offsets' gradient, low's gather, high's), its
+# registers the largest of the three. With the gathers' tiles, ptxas (triton 3.9) capped some at 64-128 registers and
+# left 8-48 B stacks; offsets-gradient steps of 8 or 16 pixels, and fp64 on 4 warps, compile clean across the matrix.
+FUSED_GATHER_CONFIGS = {
+    "channels_last": GatherConfig(tile_h=8, tile_w=8, max_block_c=64, num_warps=8, pixel_block=8),
+    "contiguous": GatherConfig(tile_h=2, tile_w=32, max_block_c=16, num_warps=8, pixel_block=16),
+    ("channels_last", torch.float64): GatherConfig(tile_h=2, tile_w=8, max_block_c=32, num_warps=4, pixel_block=8),
+    # contiguous fp64: no one config compiled clean for both archs (8-16 B stacks in one or the other)
+    ("contiguous", torch.float64, 80): GatherConfig(tile_h=2, tile_w=32, max_block_c=8, num_warps=4),
+    ("contiguous", torch.float64): GatherConfig(tile_h=2, tile_w=32, max_block_c=8, num_warps=4, pixel_block=8),
+}
 INTERPRETER_GATHER_CONFIG = GatherConfig(tile_h=16, tile_w=32, max_block_c=128, num_warps=1)
 BIN_BLOCK_P = 256  # pixels per program of the bin keys
 
 
-def gather_config(t: torch.Tensor, config: GatherConfig | None = None) -> GatherConfig:
+def gather_config(t: torch.Tensor, config: GatherConfig | None = None,
+                  table: dict = GATHER_CONFIGS) -> GatherConfig:
+    """``config`` if given, else the interpreter's, else ``table``'s for the layout, dtype (and target arch) of
+    ``t``."""
     if config is not None:
         return config
     if interpreting():
         return INTERPRETER_GATHER_CONFIG
     layout = "channels_last" if contiguous_channels(t) else "contiguous"
-    return GATHER_CONFIGS.get((layout, t.dtype), GATHER_CONFIGS[layout])
+    return table.get((layout, t.dtype, target_arch(t)), table.get((layout, t.dtype), table[layout]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,10 +242,47 @@ def accumulate_candidates(
     return acc + per_pixel(wy * wx, PIXELS_LAST) * g
 
 
+@triton.jit
+def gather_bins(
+    acc,  # [TILE, BLOCK_C] (or transposed) accumulator of the tile's source cells
+    grad_at, shift_at, channel_at,  # as in accumulate_candidates
+    order_ptr, starts_ptr,  # the pixel bins (PixelBins)
+    grad_stride_h, grad_stride_w,
+    off_stride_c, off_stride_h, off_stride_w,
+    n, ty, tx, mask_t, mask_c,  # int64 image; [TILE] source rows, columns, mask; [BLOCK_C] channel mask
+    H, W, th, tw,
+    sx, sy,  # ACC_DTYPE scales
+    SPAN_Y: tl.constexpr,
+    SPAN_X: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """``acc`` plus the contributions of the pixels of the bins ``t - (a, b)``, 0 <= a < SPAN_Y, 0 <= b < SPAN_X,
+    to each cell t of the tile: bins in that order, each bin's pixels by ascending index. Each step takes, per
+    cell, the next pixel of the current bin, for as many steps as the tile's fullest bin holds pixels."""
+    for s in range(SPAN_Y * SPAN_X):
+        by = ty - s // SPAN_X
+        bx = tx - s % SPAN_X
+        has_bin = mask_t & (by >= 0) & (bx >= 0)
+        bin_at = starts_ptr + (n * th + by) * tw + bx
+        start = tl.load(bin_at, mask=has_bin, other=0)
+        count = tl.load(bin_at + 1, mask=has_bin, other=0) - start
+        for k in range(0, tl.max(count, axis=0)):
+            valid = k < count
+            q = tl.load(order_ptr + start + k, mask=valid, other=0)
+            qi = q // W
+            acc = accumulate_candidates(acc, grad_at, shift_at, channel_at, grad_stride_h, grad_stride_w,
+                                        off_stride_c, off_stride_h, off_stride_w,
+                                        qi.to(tl.int64), (q - qi * W).to(tl.int64), valid, ty, tx, mask_c,
+                                        H, W, th, tw, sx, sy, MODE, HAS_OFFSETS, PIXELS_LAST, ACC_DTYPE)
+    return acc
+
+
 # grad_src[n, c, t] for every source cell t of a TILE_H x TILE_W tile, from the output pixels listed in the
 # bins t - (a, b), 0 <= a < SPAN_Y, 0 <= b < SPAN_X (pixel_bin_kernel: a pixel of bin s reaches cells s .. s +
-# SPAN - 1 per axis), visited in a fixed order (bins, then ascending pixel index) and stored once. Each step
-# takes, per cell, the next pixel of the current bin, for as many steps as the tile's fullest bin holds pixels.
+# SPAN - 1 per axis), visited in a fixed order (gather_bins) and stored once.
 # Grid: (tiles, channel blocks, N).
 @triton.jit
 def binned_transpose_kernel(
@@ -261,26 +320,122 @@ def binned_transpose_kernel(
     grad_at = grad_ptr + n * grad_stride_n
     shift_at = offsets_ptr + n * off_stride_n
     channel_at = channels * grad_stride_c
-    acc = zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST)
-    for s in range(SPAN_Y * SPAN_X):
-        by = ty - s // SPAN_X
-        bx = tx - s % SPAN_X
-        has_bin = mask_t & (by >= 0) & (bx >= 0)
-        bin_at = starts_ptr + (n * th + by) * tw + bx
-        start = tl.load(bin_at, mask=has_bin, other=0)
-        count = tl.load(bin_at + 1, mask=has_bin, other=0) - start
-        for k in range(0, tl.max(count, axis=0)):
-            valid = k < count
-            q = tl.load(order_ptr + start + k, mask=valid, other=0)
-            qi = q // W
-            acc = accumulate_candidates(acc, grad_at, shift_at, channel_at, grad_stride_h, grad_stride_w,
-                                        off_stride_c, off_stride_h, off_stride_w,
-                                        qi.to(tl.int64), (q - qi * W).to(tl.int64), valid, ty, tx, mask_c,
-                                        H, W, th, tw, sx, sy, MODE, HAS_OFFSETS, PIXELS_LAST, ACC_DTYPE)
+    acc = gather_bins(zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST), grad_at, shift_at, channel_at, order_ptr,
+                      starts_ptr, grad_stride_h, grad_stride_w, off_stride_c, off_stride_h, off_stride_w,
+                      n, ty, tx, mask_t, mask_c, H, W, th, tw, sx, sy,
+                      SPAN_Y, SPAN_X, MODE, HAS_OFFSETS, PIXELS_LAST, ACC_DTYPE)
     ptrs = out_ptr + n * out_stride_n + tile_offsets(ty.to(tl.int64) * out_stride_h + tx.to(tl.int64) * out_stride_w,
                                                      channels * out_stride_c, PIXELS_LAST)
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_LAST))
 
+
+# The whole deterministic AlignFA backward in one launch. Each TILE_H x TILE_W tile of output pixels (which are
+# also the cells of low: the same grid) has 1 + 2 x (channel blocks) programs, adjacent in the grid:
+# * role 0 writes the offsets' gradient of its pixels (align_fa.pixel_block_backward with the scatter off),
+#   PIXEL_BLOCK pixels at a time over all channels, as the per-pixel backward kernel does;
+# * per channel block, one program gathers grad_low over the tile from the low bins (DIRECT), and one grad_high
+#   over a tile of as many coarse cells from the high bins (HIGH_MODE). A coarse tile covers group_h x group_w
+#   fine tiles (2 x 2 at a 2x upsample), so only the first fine tile of each group runs it; the others return.
+# A tile's programs run side by side and read the same rows of grad, so after the first read they come from L2
+# (neighbouring tiles share the halos): about one read of grad from memory, not three (bench/README.md's bytes
+# model). Every sum runs in a fixed order: bitwise reproducible.
+# Grid: (tile rows x tile columns x roles, N), over enough fine tiles for both maps; a program past either masks it.
+@triton.jit
+def align_fa_gather_backward_kernel(
+    grad_low_ptr,  # [N, C, H, W] written once, in low's dtype
+    grad_high_ptr,  # [N, C, h, w] written once, in high's dtype
+    grad_offsets_ptr,  # [N, 4, H, W] written once per pixel
+    grad_ptr,  # [N, C, H, W] gradient of the output
+    low_ptr,  # [N, C, H, W]
+    high_ptr,  # [N, C, h, w]
+    offsets_ptr,  # [N, 4, H, W]: (dx, dy) of high, then of low
+    low_order_ptr, low_starts_ptr,  # the pixel bins over low's cells (PixelBins, DIRECT)
+    high_order_ptr, high_starts_ptr,  # the pixel bins over high's cells (PixelBins, HIGH_MODE)
+    gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
+    gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
+    go_stride_n, go_stride_c, go_stride_h, go_stride_w,
+    grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+    low_stride_n, low_stride_c, low_stride_h, low_stride_w,
+    high_stride_n, high_stride_c, high_stride_h, high_stride_w,
+    off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+    C, H, W, h, w,
+    high_scale_x, high_scale_y,  # host fp32 align-corners scales of high (the upsample's, or the one-step sample's)
+    low_scale_x, low_scale_y,  # host fp32 scales of low (1, or 0 for a size of 1)
+    tiles_w,  # tile columns of the grid
+    group_h, group_w,  # fine tiles per coarse tile along each axis (tile_group)
+    roles,  # programs per tile: 1 (the offsets' gradient) + 2 per channel block (low's gather, high's)
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels per gather step
+    PIXEL_BLOCK: tl.constexpr,  # pixels per step of the offsets' gradient (divides TILE_H * TILE_W)
+    PIXEL_BLOCK_C: tl.constexpr,  # its channels per step
+    HIGH_SPAN_Y: tl.constexpr,  # bin_span of the high bins
+    HIGH_SPAN_X: tl.constexpr,
+    HIGH_MODE: tl.constexpr,  # COMPOSITE (UPSAMPLE_FIRST) or DIRECT
+    ACC_DTYPE: tl.constexpr,
+    UPSAMPLE_FIRST: tl.constexpr,
+    MERGED_CELLS: tl.constexpr,
+    PIXELS_LAST: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(0) // roles
+    role = tl.program_id(0) % roles
+    tile_y = tile // tiles_w
+    tile_x = tile % tiles_w
+    if role == 0:
+        for p0 in range(0, TILE_H * TILE_W, PIXEL_BLOCK):
+            rp = p0 + tl.arange(0, PIXEL_BLOCK)
+            rows = tile_y * TILE_H + rp // TILE_W
+            cols = tile_x * TILE_W + rp % TILE_W
+            pixel_block_backward(grad_low_ptr, grad_high_ptr, grad_offsets_ptr, grad_ptr, low_ptr, high_ptr,
+                                 offsets_ptr,
+                                 gl_stride_n, gl_stride_c, gl_stride_h, gl_stride_w,
+                                 gh_stride_n, gh_stride_c, gh_stride_h, gh_stride_w,
+                                 go_stride_n, go_stride_c, go_stride_h, go_stride_w,
+                                 grad_stride_n, grad_stride_c, grad_stride_h, grad_stride_w,
+                                 low_stride_n, low_stride_c, low_stride_h, low_stride_w,
+                                 high_stride_n, high_stride_c, high_stride_h, high_stride_w,
+                                 off_stride_n, off_stride_c, off_stride_h, off_stride_w,
+                                 C, H, W, h, w, high_scale_x, high_scale_y,
+                                 n, rows.to(tl.int64), cols.to(tl.int64), (rows < H) & (cols < W),
+                                 PIXEL_BLOCK, PIXEL_BLOCK_C, ACC_DTYPE, UPSAMPLE_FIRST, MERGED_CELLS, False,
+                                 PIXELS_LAST)
+    else:
+        channels = ((role - 1) // 2).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = channels < C
+        channel_at = channels * grad_stride_c
+        grad_at = grad_ptr + n * grad_stride_n
+        shift_at = offsets_ptr + n * off_stride_n
+        if role % 2 == 1:
+            rl = tl.arange(0, TILE_H * TILE_W)
+            ty = tile_y * TILE_H + rl // TILE_W
+            tx = tile_x * TILE_W + rl % TILE_W
+            mask_t = (ty < H) & (tx < W)
+            acc_low = gather_bins(zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST), grad_at, shift_at + 2 * off_stride_c,
+                              channel_at, low_order_ptr, low_starts_ptr, grad_stride_h, grad_stride_w,
+                              off_stride_c, off_stride_h, off_stride_w, n, ty, tx, mask_t, mask_c, H, W, H, W,
+                              align_corners_scale(W, W, low_scale_x, ACC_DTYPE),
+                              align_corners_scale(H, H, low_scale_y, ACC_DTYPE), 2, 2, 0, True, PIXELS_LAST, ACC_DTYPE)
+            low_pixels = ty.to(tl.int64) * gl_stride_h + tx.to(tl.int64) * gl_stride_w
+            tl.store(grad_low_ptr + n * gl_stride_n + tile_offsets(low_pixels, channels * gl_stride_c, PIXELS_LAST),
+                     acc_low.to(grad_low_ptr.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_LAST))
+        else:
+            # the first program of a group_h x group_w group of fine tiles runs high's tile over their region; in
+            # the others every lane is masked (no bin is read, no step taken)
+            rh = tl.arange(0, TILE_H * TILE_W)
+            first = (tile_y % group_h + tile_x % group_w) == 0
+            hy = tl.where(first, (tile_y // group_h) * TILE_H + rh // TILE_W, h)
+            hx = (tile_x // group_w) * TILE_W + rh % TILE_W
+            mask_h = (hy < h) & (hx < w)
+            acc_high = gather_bins(zero_tile(hy, channels, ACC_DTYPE, PIXELS_LAST), grad_at, shift_at, channel_at,
+                              high_order_ptr, high_starts_ptr, grad_stride_h, grad_stride_w,
+                              off_stride_c, off_stride_h, off_stride_w, n, hy, hx, mask_h, mask_c, H, W, h, w,
+                              align_corners_scale(w, W, high_scale_x, ACC_DTYPE),
+                              align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
+                              HIGH_SPAN_Y, HIGH_SPAN_X, HIGH_MODE, True, PIXELS_LAST, ACC_DTYPE)
+            high_pixels = hy.to(tl.int64) * gh_stride_h + hx.to(tl.int64) * gh_stride_w
+            tl.store(grad_high_ptr + n * gh_stride_n + tile_offsets(high_pixels, channels * gh_stride_c, PIXELS_LAST),
+                     acc_high.to(grad_high_ptr.dtype.element_ty), mask=tile_mask(mask_h, mask_c, PIXELS_LAST))
 
 # ----------------------------------------------------------------------------------------------
 # Launchers.
@@ -455,6 +610,54 @@ def upsample_transpose(grad_up: torch.Tensor, h: int, w: int, out: torch.Tensor 
     return binned_transpose(grad_up, None, out, DIRECT, config)
 
 
+def tile_group(out_size: int, target_size: int) -> int:
+    """Fine tiles per coarse tile along one axis: a coarse tile of as many cells as a fine one covers about
+    (out_size - 1) / (target_size - 1) fine tiles (1 where the coarse map is not smaller)."""
+    if target_size >= out_size:
+        return 1
+    return max(1, round((out_size - 1) / max(target_size - 1, 1)))
+
+
+def plan_align_fa_gather_backward(grad: torch.Tensor, low: torch.Tensor, high: torch.Tensor, offsets: torch.Tensor,
+                                  outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], low_bins: PixelBins,
+                                  high_bins: PixelBins, upsample_first: bool = True,
+                                  config: GatherConfig | None = None) -> KernelLaunch:
+    """The launch of :func:`align_fa_gather_backward_kernel` into ``outputs`` = (grad_low, grad_high, grad_offsets),
+    from the bins of low's cells (DIRECT) and of high's (COMPOSITE if ``upsample_first``, else DIRECT)."""
+    check_index_range("grad", grad)
+    check_index_range("high", high)
+    grad_low, grad_high, grad_offsets = outputs
+    n, c, H, W = grad.shape
+    h, w = high.shape[-2:]
+    cfg = gather_config(grad, config, FUSED_GATHER_CONFIGS)
+    pixel_cfg = launch_config(backward_config_name(low, high, upsample_first), low)
+    group_h = min(tile_group(H, h), triton.cdiv(H, cfg.tile_h))
+    group_w = min(tile_group(W, w), triton.cdiv(W, cfg.tile_w))
+    tiles_h = max(triton.cdiv(H, cfg.tile_h), triton.cdiv(h, cfg.tile_h) * group_h)
+    tiles_w = max(triton.cdiv(W, cfg.tile_w), triton.cdiv(w, cfg.tile_w) * group_w)
+    high_mode = COMPOSITE if upsample_first else DIRECT
+    block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
+    roles = 1 + 2 * triton.cdiv(c, block_c)
+    (high_sx, high_sy), (low_sx, low_sy) = _scales((H, W), (h, w)), _scales((H, W), (H, W))
+    return KernelLaunch(
+        align_fa_gather_backward_kernel,
+        grid=(tiles_h * tiles_w * roles, n),
+        args=(grad_low, grad_high, grad_offsets, grad, low, high, offsets,
+              low_bins.order, low_bins.starts, high_bins.order, high_bins.starts,
+              *strides(grad_low), *strides(grad_high), *strides(grad_offsets), *strides(grad), *strides(low),
+              *strides(high), *strides(offsets), c, H, W, h, w, high_sx, high_sy, low_sx, low_sy, tiles_w, group_h,
+              group_w, roles),
+        constexprs=dict(TILE_H=cfg.tile_h, TILE_W=cfg.tile_w,
+                        BLOCK_C=block_c, PIXEL_BLOCK=min(cfg.pixel_block or pixel_cfg.block_p, cfg.tile_h * cfg.tile_w),
+                        PIXEL_BLOCK_C=min(cfg.pixel_block_c or pixel_cfg.max_block_c, channel_block(c, pixel_cfg)),
+                        HIGH_SPAN_Y=bin_span(H, h, high_mode),
+                        HIGH_SPAN_X=bin_span(W, w, high_mode), HIGH_MODE=high_mode,
+                        ACC_DTYPE=accumulation_dtype(low.dtype)[1], UPSAMPLE_FIRST=bool(upsample_first),
+                        MERGED_CELLS=merged_cells(low, high, upsample_first), PIXELS_LAST=pixels_last(grad)),
+        num_warps=cfg.num_warps,
+    )
+
+
 def align_fa_backward_deterministic(
     grad: torch.Tensor,
     low: torch.Tensor,
@@ -462,17 +665,21 @@ def align_fa_backward_deterministic(
     offsets: torch.Tensor,
     upsample_first: bool = True,
     config: GatherConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_low, grad_high)`` of AlignFA by gathers, bitwise reproducible, each in its input's dtype and layout.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_low, grad_high, grad_offsets)`` of AlignFA, bitwise reproducible, the sources' gradients in their
+    inputs' dtypes and layouts.
 
     ``upsample_first=True``: the authors' ``W(U(high), offsets[:, 0:2]) + W(low, offsets[:, 2:4])``;
-    ``False``: the one-step ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``. The offsets'
-    gradient is not computed here (the per-pixel backward kernel writes it, with its scatter off).
-    One binned gather per source map (:func:`binned_transpose`), no host read.
+    ``False``: the one-step ``S(high, offsets[:, 0:2]) + S(low, offsets[:, 2:4])``. The pixel bins of both
+    maps (:func:`pixel_bins`), then one launch (:func:`align_fa_gather_backward_kernel`) for all three gradients;
+    no host read.
     """
     check_index_range("low", low)
-    grad_low = _empty_source(grad, tuple(low.shape[-2:]), low.dtype, low)
-    grad_high = _empty_source(grad, tuple(high.shape[-2:]), high.dtype, high)
-    binned_transpose(grad, offsets[:, 2:4], grad_low, DIRECT, config)
-    binned_transpose(grad, offsets[:, 0:2], grad_high, COMPOSITE if upsample_first else DIRECT, config)
-    return grad_low, grad_high
+    n, _, H, W = grad.shape
+    h, w = high.shape[-2:]
+    low_bins = pixel_bins(offsets[:, 2:4], n, (H, W), (H, W), DIRECT)
+    high_bins = pixel_bins(offsets[:, 0:2], n, (H, W), (h, w), COMPOSITE if upsample_first else DIRECT)
+    outputs = (_empty_source(grad, (H, W), low.dtype, low), _empty_source(grad, (h, w), high.dtype, high),
+               torch.empty_like(offsets))
+    plan_align_fa_gather_backward(grad, low, high, offsets, outputs, low_bins, high_bins, upsample_first, config)()
+    return outputs

@@ -128,6 +128,14 @@ def example_plans(dtype: torch.dtype, layout: torch.memory_format, shape: dict[s
         # a coarse map larger than the output: wider bin spans (bin_span)
         ("binned_upsample_warp_larger", gather.plan_binned_transpose(grad, fa_offsets[:, 0:2], larger,
                                                                      bins_of(larger), gather.COMPOSITE)),
+        # The deterministic gather backward: the offsets' gradient and both source gradients in one launch.
+        ("align_fa_gather_backward", gather.plan_align_fa_gather_backward(
+            grad, low, high, fa_offsets, (grad_low, grad_high, fa_offsets), bins_of(grad_low), bins_of(grad_high))),
+        ("align_fa_gather_backward_one_step", gather.plan_align_fa_gather_backward(
+            grad, low, high, fa_offsets, (grad_low, grad_high, fa_offsets), bins_of(grad_low), bins_of(grad_high),
+            upsample_first=False)),
+        ("align_fa_gather_backward_high_larger", gather.plan_align_fa_gather_backward(
+            grad, low, larger, fa_offsets, (grad_low, larger, fa_offsets), bins_of(grad_low), bins_of(larger))),
         ("pixel_bins", gather.plan_pixel_bins(fa_offsets[:, 0:2], int32.new_empty(grad[:, 0].numel()),
                                               grad.shape[-2:], high.shape[-2:], gather.COMPOSITE)),
         ("pixel_bins_upsample", gather.plan_pixel_bins(None, int32.new_empty(grad[:, 0].numel()), grad.shape[-2:],

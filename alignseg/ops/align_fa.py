@@ -152,10 +152,11 @@ def _align_fa_backward(
     """The gradients of (low, high, offsets), by the path of :func:`alignseg.ops.backend.resolve_backward`.
 
     ``atomic`` (default outside deterministic mode): one kernel, the source gradients scattered with float
-    atomic adds into zeroed fp32/fp64 buffers. ``fixed_point`` (deterministic mode) and ``gather`` (deterministic
-    mode, float64): the per-pixel kernel writes the offsets' gradient only; a scatter with int64 fixed-point
-    atomics (:mod:`alignseg.kernels.fixed_point`), or the gathers of :mod:`alignseg.kernels.align_fa_gather`,
-    write the source gradients: bitwise reproducible either way.
+    atomic adds into zeroed fp32/fp64 buffers. ``gather`` (deterministic mode): the pixel bins, then one launch
+    of :mod:`alignseg.kernels.align_fa_gather` for all three gradients. ``fixed_point``: the per-pixel kernel
+    writes the offsets' gradient only, a scatter with int64 fixed-point atomics
+    (:mod:`alignseg.kernels.fixed_point`) the source gradients. Both deterministic paths are bitwise
+    reproducible.
     """
     require_triton(low.device)
     path = resolve_backward(low.dtype)
@@ -173,12 +174,17 @@ def _align_fa_backward(
 
         return align_fa_backward(grad_k, low_k, high_k, offsets, upsample_first=upsample_first,
                                  sources_like=(low, high))
-    from alignseg.kernels.align_fa import align_fa_offsets_backward, align_fa_sources_fixed_point
-    from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
+    if path == "gather":
+        from alignseg.kernels.align_fa_gather import align_fa_backward_deterministic
 
-    grad_offsets = align_fa_offsets_backward(grad_k, low_k, high_k, offsets, upsample_first=upsample_first)
-    sources = align_fa_sources_fixed_point if path == "fixed_point" else align_fa_backward_deterministic
-    grad_low, grad_high = sources(grad_k, low_k, high_k, offsets, upsample_first=upsample_first)
+        grad_low, grad_high, grad_offsets = align_fa_backward_deterministic(grad_k, low_k, high_k, offsets,
+                                                                            upsample_first=upsample_first)
+    else:
+        from alignseg.kernels.align_fa import align_fa_offsets_backward, align_fa_sources_fixed_point
+
+        grad_offsets = align_fa_offsets_backward(grad_k, low_k, high_k, offsets, upsample_first=upsample_first)
+        grad_low, grad_high = align_fa_sources_fixed_point(grad_k, low_k, high_k, offsets,
+                                                           upsample_first=upsample_first)
     return relayout_like(grad_low, low), relayout_like(grad_high, high), grad_offsets
 
 

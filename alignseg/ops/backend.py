@@ -14,13 +14,12 @@ The choice comes from the environment variable ``ALIGNSEG_BACKEND``, or from
 
 The Triton backward of ``align_fa`` has three paths, chosen by ``ALIGNSEG_BACKWARD`` or
 :func:`set_backward` / :func:`use_backward`: ``atomic`` scatters the source gradients with float atomic
-adds (the fastest measured: bench/results/h200-2026-11-27; not bit-reproducible on a GPU),
-``fixed_point`` scatters them as 64-bit fixed-point integers (:mod:`alignseg.kernels.fixed_point`: integer
-addition does not depend on the order, so the result is bitwise reproducible; 3.6x the time of ``atomic`` on an
-H200, bf16), ``gather`` computes them by the deterministic gathers of :mod:`alignseg.kernels.align_fa_gather`
-(bitwise reproducible too, 12x ``atomic`` there, and exact to float64's rounding). ``auto`` (default) takes
-``atomic``, and under ``torch.use_deterministic_algorithms(True)`` ``fixed_point``, or ``gather`` for float64
-maps, whose gradients the fixed point would round more coarsely than float64 does (:func:`resolve_backward`).
+adds (the fastest measured: bench/results/h200-2026-11-27; not bit-reproducible on a GPU), ``gather``
+computes all three gradients by one deterministic launch over pixel bins (:mod:`alignseg.kernels.align_fa_gather`:
+fixed order of addition, no atomics, exact to the dtype's rounding), ``fixed_point`` scatters the source
+gradients as 64-bit fixed-point integers (:mod:`alignseg.kernels.fixed_point`: integer addition does not depend
+on the order; 3.6x the time of ``atomic`` on an H200, bf16). ``auto`` (default) takes ``atomic``, and under
+``torch.use_deterministic_algorithms(True)`` ``gather`` (:func:`resolve_backward` says why).
 ``align_cm``'s backward is deterministic on its own (no switch). Only a forced ``atomic`` path under
 ``torch.use_deterministic_algorithms(True)`` warns or raises, like PyTorch's own nondeterministic ops
 (:func:`alert_nondeterministic`).
@@ -91,10 +90,9 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
     return _BACKEND.use(name)
 
 
-# The align_fa backward's source gradients: "auto" (see resolve_backward), "atomic" (the per-pixel kernel
-# scatters them with float atomics), "fixed_point" (a scatter-only kernel with int64 fixed-point atomics:
-# deterministic) or "gather" (deterministic gathers over pixel bins). The gathers' earlier window scan made them
-# the slowest path on an H200 (bench/results/h200-2026-11-27); the bins that replaced it are not timed on a GPU yet.
+# The align_fa backward's paths: "auto" (see resolve_backward), "atomic" (the per-pixel kernel scatters the source
+# gradients with float atomics), "gather" (one deterministic launch over pixel bins for all three gradients) or
+# "fixed_point" (a scatter-only kernel with int64 fixed-point atomics: deterministic).
 BACKWARD_PATHS = ("auto", "atomic", "fixed_point", "gather")
 _BACKWARD = _Setting("backward path", "ALIGNSEG_BACKWARD", BACKWARD_PATHS)
 
@@ -107,15 +105,20 @@ def get_backward() -> str:
 
 def resolve_backward(dtype: torch.dtype = torch.float32) -> str:
     """The path the align_fa backward takes now for maps of ``dtype``: "auto" becomes "atomic", or in deterministic
-    mode "fixed_point" ("gather" for float64: the fixed point's rounding, about 1e-14 of the largest gradient, is
-    coarser than float64's). Measured on an H200 (bench/results/h200-2026-11-27/run4_deterministic_backward.txt):
-    atomic 3.06 ms, fixed point 11.0 ms, gathers 36.3 ms for the issue-12 shape in bf16, channels_last."""
+    mode "gather".
+
+    Why "gather" and not "fixed_point" there: on an H200 (bench/results/h200-2026-11-27/
+    run4_deterministic_backward.txt; bf16, the issue-12 shape, channels_last) the fixed point took 11.0 ms for
+    the source gradients against 3.06 ms for the whole atomic backward; the gathers of then (a window scan, since
+    replaced) took 36.3 ms. Today's gather path is one launch over pixel bins, about 1.15x the minimum bytes by
+    bench/README.md's model where the fixed-point path moves 9.4x, and a step count 15x below the window scan's
+    (bench/gather_steps.py): an estimate, not a measurement, which the device check's rows settle. It also rounds
+    nothing beyond the dtype's own arithmetic, where the fixed point rounds every contribution to 64-bit integers.
+    ``dtype`` is kept for callers; every dtype takes the same path."""
     requested = get_backward()
     if requested != "auto":
         return requested
-    if not torch.are_deterministic_algorithms_enabled():
-        return "atomic"
-    return "gather" if dtype == torch.float64 else "fixed_point"
+    return "gather" if torch.are_deterministic_algorithms_enabled() else "atomic"
 
 
 def set_backward(name: str | None) -> None:
