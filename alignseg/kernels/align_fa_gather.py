@@ -1,4 +1,4 @@
-"""Deterministic transposes of the bilinear sampling, as gathers: the source gradients of AlignFA (and AlignCM).
+"""Deterministic transposes of the bilinear sampling, as gathers: AlignFA's backward (and AlignCM's large contexts).
 
 Every forward here is a sum over output pixels q of tap weights times a source map; its transpose sends
 ``grad[q] * w_k(q)`` to the source cell ``t = tap_k(q)``. The scatter form (atomics into a zeroed fp32
@@ -35,6 +35,11 @@ Two forms share the kernels (``MODE``):
   are themselves bilinear upsamples of the coarse map, the weight a coarse cell receives from q is
   separable, ``(sum_DY w_DY u_y) * (sum_DX w_DX u_x)``, so :func:`upsample_warp_transpose` computes
   ``U^T W^T grad`` in one pass and the upsampled gradient never touches memory.
+
+AlignFA's whole deterministic backward is one launch (:func:`align_fa_backward_deterministic`,
+``align_fa_gather_backward_kernel``): per tile, one program writes the offsets' gradient of its pixels (the
+per-pixel backward's code) and, per channel block, one gathers low's gradient and one high's, side by side, so the
+output gradient they all read comes from memory about once.
 
 Nothing here reads the device from the host, so the backward can be captured in a CUDA graph.
 """
@@ -335,7 +340,7 @@ def binned_transpose_kernel(
 #   PIXEL_BLOCK pixels at a time over all channels, as the per-pixel backward kernel does;
 # * per channel block, one program gathers grad_low over the tile from the low bins (DIRECT), and one grad_high
 #   over a tile of as many coarse cells from the high bins (HIGH_MODE). A coarse tile covers group_h x group_w
-#   fine tiles (2 x 2 at a 2x upsample), so only the first fine tile of each group runs it; the others return.
+#   fine tiles (2 x 2 at a 2x upsample): the first fine tile of each group runs it, the others mask it.
 # A tile's programs run side by side and read the same rows of grad, so after the first read they come from L2
 # (neighbouring tiles share the halos): about one read of grad from memory, not three (bench/README.md's bytes
 # model). Every sum runs in a fixed order: bitwise reproducible.
@@ -411,11 +416,13 @@ def align_fa_gather_backward_kernel(
             ty = tile_y * TILE_H + rl // TILE_W
             tx = tile_x * TILE_W + rl % TILE_W
             mask_t = (ty < H) & (tx < W)
-            acc_low = gather_bins(zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST), grad_at, shift_at + 2 * off_stride_c,
-                              channel_at, low_order_ptr, low_starts_ptr, grad_stride_h, grad_stride_w,
-                              off_stride_c, off_stride_h, off_stride_w, n, ty, tx, mask_t, mask_c, H, W, H, W,
-                              align_corners_scale(W, W, low_scale_x, ACC_DTYPE),
-                              align_corners_scale(H, H, low_scale_y, ACC_DTYPE), 2, 2, 0, True, PIXELS_LAST, ACC_DTYPE)
+            acc_low = gather_bins(zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST), grad_at,
+                                  shift_at + 2 * off_stride_c, channel_at, low_order_ptr, low_starts_ptr,
+                                  grad_stride_h, grad_stride_w, off_stride_c, off_stride_h, off_stride_w,
+                                  n, ty, tx, mask_t, mask_c, H, W, H, W,
+                                  align_corners_scale(W, W, low_scale_x, ACC_DTYPE),
+                                  align_corners_scale(H, H, low_scale_y, ACC_DTYPE),
+                                  2, 2, 0, True, PIXELS_LAST, ACC_DTYPE)
             low_pixels = ty.to(tl.int64) * gl_stride_h + tx.to(tl.int64) * gl_stride_w
             tl.store(grad_low_ptr + n * gl_stride_n + tile_offsets(low_pixels, channels * gl_stride_c, PIXELS_LAST),
                      acc_low.to(grad_low_ptr.dtype.element_ty), mask=tile_mask(mask_t, mask_c, PIXELS_LAST))
@@ -428,14 +435,15 @@ def align_fa_gather_backward_kernel(
             hx = (tile_x // group_w) * TILE_W + rh % TILE_W
             mask_h = (hy < h) & (hx < w)
             acc_high = gather_bins(zero_tile(hy, channels, ACC_DTYPE, PIXELS_LAST), grad_at, shift_at, channel_at,
-                              high_order_ptr, high_starts_ptr, grad_stride_h, grad_stride_w,
-                              off_stride_c, off_stride_h, off_stride_w, n, hy, hx, mask_h, mask_c, H, W, h, w,
-                              align_corners_scale(w, W, high_scale_x, ACC_DTYPE),
-                              align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
-                              HIGH_SPAN_Y, HIGH_SPAN_X, HIGH_MODE, True, PIXELS_LAST, ACC_DTYPE)
+                                   high_order_ptr, high_starts_ptr, grad_stride_h, grad_stride_w,
+                                   off_stride_c, off_stride_h, off_stride_w, n, hy, hx, mask_h, mask_c, H, W, h, w,
+                                   align_corners_scale(w, W, high_scale_x, ACC_DTYPE),
+                                   align_corners_scale(h, H, high_scale_y, ACC_DTYPE),
+                                   HIGH_SPAN_Y, HIGH_SPAN_X, HIGH_MODE, True, PIXELS_LAST, ACC_DTYPE)
             high_pixels = hy.to(tl.int64) * gh_stride_h + hx.to(tl.int64) * gh_stride_w
             tl.store(grad_high_ptr + n * gh_stride_n + tile_offsets(high_pixels, channels * gh_stride_c, PIXELS_LAST),
                      acc_high.to(grad_high_ptr.dtype.element_ty), mask=tile_mask(mask_h, mask_c, PIXELS_LAST))
+
 
 # ----------------------------------------------------------------------------------------------
 # Launchers.
