@@ -56,6 +56,7 @@ import triton.language as tl
 from .align_fa import backward_config_name, merged_cells, pixel_block_backward
 from .bilinear import (
     align_corners_scale,
+    channel_offset,
     output_pixels,
     per_pixel,
     source_coordinate,
@@ -417,7 +418,7 @@ def align_fa_gather_backward_kernel(
             tx = tile_x * TILE_W + rl % TILE_W
             mask_t = (ty < H) & (tx < W)
             acc_low = gather_bins(zero_tile(ty, channels, ACC_DTYPE, PIXELS_LAST), grad_at,
-                                  shift_at + 2 * off_stride_c, channel_at, low_order_ptr, low_starts_ptr,
+                                  shift_at + channel_offset(2, off_stride_c), channel_at, low_order_ptr, low_starts_ptr,
                                   grad_stride_h, grad_stride_w, off_stride_c, off_stride_h, off_stride_w,
                                   n, ty, tx, mask_t, mask_c, H, W, H, W,
                                   align_corners_scale(W, W, low_scale_x, ACC_DTYPE),
