@@ -159,7 +159,7 @@ def _align_fa_backward(
     reproducible.
     """
     require_triton(low.device)
-    path = resolve_backward(low.dtype)
+    path = resolve_backward()
     if path == "atomic":
         alert_nondeterministic("alignseg::align_fa_backward", low.device)
     from alignseg.kernels.launch import stage_channels_last

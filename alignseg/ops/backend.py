@@ -103,9 +103,8 @@ def get_backward() -> str:
     return _BACKWARD.get()
 
 
-def resolve_backward(dtype: torch.dtype = torch.float32) -> str:
-    """The path the align_fa backward takes now for maps of ``dtype``: "auto" becomes "atomic", or in deterministic
-    mode "gather".
+def resolve_backward() -> str:
+    """The path the align_fa backward takes now: "auto" becomes "atomic", or in deterministic mode "gather".
 
     Why "gather" and not "fixed_point" there: on an H200 (bench/results/h200-2026-11-27/
     run4_deterministic_backward.txt; bf16, the issue-12 shape, channels_last) the fixed point took 11.0 ms for
@@ -113,8 +112,7 @@ def resolve_backward(dtype: torch.dtype = torch.float32) -> str:
     replaced) took 36.3 ms. Today's gather path is one launch over pixel bins, about 1.15x the minimum bytes by
     bench/README.md's model where the fixed-point path moves 9.4x, and a step count 15x below the window scan's
     (bench/gather_steps.py): an estimate, not a measurement, which the device check's rows settle. It also rounds
-    nothing beyond the dtype's own arithmetic, where the fixed point rounds every contribution to 64-bit integers.
-    ``dtype`` is kept for callers; every dtype takes the same path."""
+    nothing beyond the dtype's own arithmetic, where the fixed point rounds every contribution to 64-bit integers."""
     requested = get_backward()
     if requested != "auto":
         return requested
