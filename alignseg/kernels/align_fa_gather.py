@@ -528,7 +528,7 @@ def plan_binned_transpose(grad: torch.Tensor, offsets2: torch.Tensor | None, out
     n, c, H, W = grad.shape
     th, tw = out.shape[-2:]
     cfg = gather_config(grad, config)
-    block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
+    block_c = channel_block(c, cfg)
     sx, sy = _scales((H, W), (th, tw))
     off = offsets2 if offsets2 is not None else grad  # a placeholder pointer without offsets
     return KernelLaunch(
@@ -645,7 +645,7 @@ def plan_align_fa_gather_backward(grad: torch.Tensor, low: torch.Tensor, high: t
     tiles_h = max(triton.cdiv(H, cfg.tile_h), triton.cdiv(h, cfg.tile_h) * group_h)
     tiles_w = max(triton.cdiv(W, cfg.tile_w), triton.cdiv(w, cfg.tile_w) * group_w)
     high_mode = COMPOSITE if upsample_first else DIRECT
-    block_c = max(1, min(cfg.max_block_c, triton.next_power_of_2(c)))
+    block_c = channel_block(c, cfg)
     roles = 1 + 2 * triton.cdiv(c, block_c)
     (high_sx, high_sy), (low_sx, low_sy) = _scales((H, W), (h, w)), _scales((H, W), (H, W))
     return KernelLaunch(

@@ -243,6 +243,7 @@ def planning_for(arch: int):
 
 
 def channel_block(channels: int, config: LaunchConfig, minimum: int = 1) -> int:
+    """Channels per block: a power of two up to ``config.max_block_c`` (a LaunchConfig or a gather's GatherConfig)."""
     return max(minimum, min(config.max_block_c, triton.next_power_of_2(channels)))
 
 

@@ -107,9 +107,9 @@ def resolve_backward() -> str:
     """The path the align_fa backward takes now: "auto" becomes "atomic", or in deterministic mode "gather".
 
     Why "gather" and not "fixed_point" there: on an H200 (bench/results/h200-2026-11-27/
-    run4_deterministic_backward.txt; bf16, the issue-12 shape, channels_last) the fixed point took 11.0 ms for
-    the source gradients against 3.06 ms for the whole atomic backward; the gathers of then (a window scan, since
-    replaced) took 36.3 ms. Today's gather path is one launch over pixel bins, about 1.15x the minimum bytes by
+    run4_deterministic_backward.txt; bf16, the issue-12 shape, channels_last) the op took 11.0 ms on
+    the fixed-point path against 3.06 ms on the atomic path, and 36.3 ms on the gathers of then (a window scan,
+    since replaced). Today's gather path is one launch over pixel bins, about 1.15x the minimum bytes by
     bench/README.md's model where the fixed-point path moves 9.4x, and a step count 15x below the window scan's
     (bench/gather_steps.py): an estimate, not a measurement, which the device check's rows settle. It also rounds
     nothing beyond the dtype's own arithmetic, where the fixed point rounds every contribution to 64-bit integers."""
